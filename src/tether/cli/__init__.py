@@ -1,1 +1,1 @@
-"""cli"""
+"""The ``tether`` command."""

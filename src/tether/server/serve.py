@@ -1,0 +1,84 @@
+"""Runs the app with uvicorn on TCP and on a unix socket in the data directory at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from tether.errors import ConfigError
+from tether.server.app import create_app
+from tether.server.services import Services
+
+__all__ = ["bind_sockets", "serve"]
+
+
+def _tcp_socket(listen: str) -> socket.socket:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"invalid listen address {listen!r} (use HOST:PORT)")
+    host = host.strip("[]") or "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {listen}: {e.strerror}") from e
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    if path.exists() or path.is_symlink():
+        # A socket left by a server that died: only replace it if nothing answers on it.
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()
+        else:
+            raise ConfigError(f"another Tether server is already serving {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # the socket is the owner's alone
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def bind_sockets(services: Services, listen: str | None) -> list[socket.socket]:
+    tcp = _tcp_socket(listen or services.config.listen)
+    try:
+        return [tcp, _unix_socket(services.data_dir.socket_path)]
+    except Exception:
+        tcp.close()
+        raise
+
+
+def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> None:
+    services = Services(root)
+    try:
+        sockets = bind_sockets(services, listen)
+        app = create_app(services)
+        config = uvicorn.Config(
+            app, log_level=log_level, access_log=False, lifespan="off", server_header=False
+        )
+        server = uvicorn.Server(config)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(server.serve(sockets=sockets))
+    finally:
+        services.close()
+        with contextlib.suppress(FileNotFoundError):
+            services.data_dir.socket_path.unlink()

@@ -1,0 +1,155 @@
+"""Builds the running parts from a data directory, and initialises a new one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from tether.audit.log import AuditLog
+from tether.audit.note import NoteSigner
+from tether.clock import Clock, SystemClock
+from tether.config import Config, DataDir, validate_trust_domain
+from tether.errors import ConfigError, TetherError
+from tether.events import Event
+from tether.identity.authority import ADMIN_GRANTS, Authority
+from tether.identity.bundle import TrustBundle, build_bundle, parse_bundle
+from tether.identity.keys import KeySet, load_or_create_keys
+from tether.identity.revocation import RevocationList
+from tether.identity.verifier import Verifier
+from tether.store import Store
+
+__all__ = ["InitResult", "Services", "init_data_dir"]
+
+log = logging.getLogger("tether.server")
+
+REVOCATION_POLL_SECONDS = 0.25
+
+
+@dataclass(frozen=True)
+class InitResult:
+    data_dir: Path
+    config: Config
+    created: bool
+    admin_credential_path: Path
+
+
+def _write_private(path: Path, data: str) -> bool:
+    """Create ``path`` 0600 with ``data``; never overwrite. Returns False if it existed."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(data)
+    return True
+
+
+def init_data_dir(root: Path, trust_domain: str, admin_user: str = "admin") -> InitResult:
+    """Create a data directory, its keys, store and first admin user. Idempotent: never
+    overwrites keys or credentials; refuses a different trust domain for an existing one."""
+    validate_trust_domain(trust_domain)
+    dd = DataDir(root)
+    created = not dd.exists()
+    if created:
+        dd.ensure_private_dirs()
+        dd.write_config(Config(trust_domain=trust_domain, admin_user=admin_user))
+    config = dd.load_config()
+    if config.trust_domain != trust_domain:
+        raise ConfigError(
+            f"{root} already holds trust domain {config.trust_domain!r}, not {trust_domain!r}",
+            hint="use another --data-dir for another trust domain",
+        )
+    dd.ensure_private_dirs()
+    keys, _ = load_or_create_keys(dd.keys, config.trust_domain, config.audit_origin)
+    store = Store(dd.db_path)
+    cred_path = dd.credentials / config.admin_user
+    try:
+        if store.get_user(config.admin_user) is None:
+            credential = "tether_uc_" + secrets.token_urlsafe(32)
+            store.add_user(config.admin_user, credential, ADMIN_GRANTS, 0)
+            cred_path.unlink(missing_ok=True)
+            _write_private(cred_path, credential + "\n")
+    finally:
+        store.close()
+    if created:
+        with _open_audit(dd, config, keys) as audit:
+            audit.record(
+                Event(
+                    type="tether.initialized",
+                    actor=f"spiffe://{trust_domain}/user/{config.admin_user}",
+                    data={"trust_domain": trust_domain, "jwt_kid": keys.jwt_kid},
+                )
+            )
+    return InitResult(root, config, created, cred_path)
+
+
+def _open_audit(dd: DataDir, config: Config, keys: KeySet, clock: Clock | None = None) -> AuditLog:
+    log_ = AuditLog(
+        dd.audit_db_path,
+        NoteSigner(config.audit_origin, keys.note_key),
+        config.audit_origin,
+        clock=clock or SystemClock(),
+        checkpoint_interval=config.checkpoint_interval,
+    )
+    log_.start()
+    return log_
+
+
+class Services:
+    """Everything one Tether process runs, built from a data directory."""
+
+    def __init__(self, root: Path, clock: Clock | None = None) -> None:
+        self.data_dir = DataDir(root)
+        self.config = self.data_dir.load_config()
+        self.clock = clock or SystemClock()
+        self.keys, _ = load_or_create_keys(
+            self.data_dir.keys, self.config.trust_domain, self.config.audit_origin
+        )
+        self.store = Store(self.data_dir.db_path)
+        self.audit = _open_audit(self.data_dir, self.config, self.keys, self.clock)
+        self.revocations = RevocationList(self.store.revocations_since(0))
+        self.bundle_doc = build_bundle(self.keys)
+        self.bundle: TrustBundle = parse_bundle(self.bundle_doc, self.config.trust_domain)
+        self.verifier = Verifier(
+            self.bundle,
+            audience=self.config.audience,
+            revocations=self.revocations,
+            clock=self.clock,
+        )
+        self.authority = Authority(
+            self.config, self.keys, self.store, self.audit, self.revocations, self.clock
+        )
+        self._stop = threading.Event()
+        self._poller = threading.Thread(
+            target=self._poll_revocations, name="tether-revocations", daemon=True
+        )
+        self._poller.start()
+
+    def __repr__(self) -> str:
+        return f"Services(data_dir={str(self.data_dir.root)!r})"
+
+    def _poll_revocations(self) -> None:
+        """Revocations made by other processes sharing the store reach us within the poll."""
+        while not self._stop.wait(REVOCATION_POLL_SECONDS):
+            try:
+                fresh = self.store.revocations_since(self.revocations.last_seq)
+            except TetherError as e:
+                log.warning("revocation poll failed: %s", e.message)
+                continue
+            if fresh:
+                self.revocations.add_all(fresh)
+
+    def ready(self) -> dict[str, object]:
+        """Readiness: the store answers and the audit log accepts writes."""
+        self.store.revocations_since(self.revocations.last_seq)
+        return {"status": "ready", "audit_size": self.audit.size()}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._poller.join(timeout=2)
+        self.audit.close()
+        self.store.close()
