@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +11,7 @@ from tether.audit.log import AuditLog
 from tether.audit.note import NoteSigner
 from tether.clock import Clock, SystemClock
 from tether.config import Config, DataDir, validate_trust_domain
-from tether.errors import ConfigError, TetherError
+from tether.errors import ConfigError
 from tether.events import Event
 from tether.identity.authority import ADMIN_GRANTS, Authority
 from tether.identity.bundle import TrustBundle, build_bundle, parse_bundle
@@ -21,12 +19,9 @@ from tether.identity.keys import KeySet, load_or_create_keys
 from tether.identity.revocation import RevocationList
 from tether.identity.verifier import Verifier
 from tether.store import Store
+from tether.store.revocations import RevocationPoller
 
 __all__ = ["InitResult", "Services", "init_data_dir"]
-
-log = logging.getLogger("tether.server")
-
-REVOCATION_POLL_SECONDS = 0.25
 
 
 @dataclass(frozen=True)
@@ -111,7 +106,8 @@ class Services:
         )
         self.store = Store(self.data_dir.db_path)
         self.audit = _open_audit(self.data_dir, self.config, self.keys, self.clock)
-        self.revocations = RevocationList(self.store.revocations_since(0))
+        self.revocations = RevocationList()
+        self.poller = RevocationPoller(self.store, self.revocations)
         self.bundle_doc = build_bundle(self.keys)
         self.bundle: TrustBundle = parse_bundle(self.bundle_doc, self.config.trust_domain)
         self.verifier = Verifier(
@@ -123,25 +119,9 @@ class Services:
         self.authority = Authority(
             self.config, self.keys, self.store, self.audit, self.revocations, self.clock
         )
-        self._stop = threading.Event()
-        self._poller = threading.Thread(
-            target=self._poll_revocations, name="tether-revocations", daemon=True
-        )
-        self._poller.start()
 
     def __repr__(self) -> str:
         return f"Services(data_dir={str(self.data_dir.root)!r})"
-
-    def _poll_revocations(self) -> None:
-        """Revocations made by other processes sharing the store reach us within the poll."""
-        while not self._stop.wait(REVOCATION_POLL_SECONDS):
-            try:
-                fresh = self.store.revocations_since(self.revocations.last_seq)
-            except TetherError as e:
-                log.warning("revocation poll failed: %s", e.message)
-                continue
-            if fresh:
-                self.revocations.add_all(fresh)
 
     def ready(self) -> dict[str, object]:
         """Readiness: the store answers and the audit log accepts writes."""
@@ -149,7 +129,6 @@ class Services:
         return {"status": "ready", "audit_size": self.audit.size()}
 
     def close(self) -> None:
-        self._stop.set()
-        self._poller.join(timeout=2)
+        self.poller.close()
         self.audit.close()
         self.store.close()

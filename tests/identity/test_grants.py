@@ -1,0 +1,74 @@
+from decimal import Decimal
+
+import pytest
+
+from tether.errors import BadRequest, DelegationRefused
+from tether.identity.grants import Grant, Grants
+from tether.identity.spiffe import SpiffeId
+
+
+@pytest.mark.parametrize(
+    ("child", "parent", "within"),
+    [
+        ("gpt-4o", "gpt-4o", True),
+        ("gpt-4o-mini", "gpt-4o*", True),
+        ("gpt-4o*", "gpt-4*", True),
+        ("*", "gpt-4*", False),
+        ("gpt-4*", "gpt-4o*", False),
+        ("a*", "a*b", False),
+        ("*a*", "*a", False),
+        ("x.search", "*", True),
+        ("claude-*", "gpt-*", False),
+    ],
+)
+def test_pattern_containment_is_sound(child: str, parent: str, within: bool) -> None:
+    assert Grant("model", child).within(Grant("model", parent)) is within
+
+
+def test_kinds_never_cross() -> None:
+    assert not Grant("tool", "x").within(Grant("model", "*"))
+
+
+def test_attenuate_names_offending_grant() -> None:
+    parent = Grants.parse(["model:gpt-4*", "tool:search.*"])
+    with pytest.raises(DelegationRefused, match=r"tool:\* is wider"):
+        Grants.parse(["model:gpt-4o", "tool:*"]).attenuate(parent)
+
+
+def test_budget_inherits_and_cannot_grow() -> None:
+    parent = Grants.parse(["model:*", "budget:tokens=1000", "budget:usd=2.50"])
+    child = Grants.parse(["model:gpt-4o"]).attenuate(parent)
+    assert child.budget.tokens == 1000 and child.budget.usd == Decimal("2.50")
+    assert "budget:tokens=1000" in child.to_list()
+    with pytest.raises(DelegationRefused, match="budget:tokens=5000"):
+        Grants.parse(["model:gpt-4o", "budget:tokens=5000"]).attenuate(parent)
+    smaller = Grants.parse(["model:gpt-4o", "budget:tokens=10"]).attenuate(parent)
+    assert smaller.budget.tokens == 10
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["model", "weapon:*", "model:", "model:a b", "model:[abc]", "model:?", "budget:tokens=-1",
+     "budget:usd=NaN", "budget:cows=3", "budget:tokens=x", 42],
+)
+def test_bad_grants_are_refused_clearly(bad: object) -> None:
+    with pytest.raises(BadRequest):
+        Grants.parse([bad])  # type: ignore[list-item]
+
+
+def test_allows_concrete_values() -> None:
+    g = Grants.parse(["egress:*.github.com", "model:gpt-4o*"])
+    assert g.allows("egress", "api.github.com")
+    assert not g.allows("egress", "github.com.evil.io")
+    assert g.allows("model", "gpt-4o-mini") and not g.allows("model", "o1")
+
+
+def test_spiffe_ids_validate() -> None:
+    sid = SpiffeId.parse("spiffe://example.org/agent/planner")
+    assert (sid.trust_domain, sid.kind, sid.name) == ("example.org", "agent", "planner")
+    assert str(sid) == "spiffe://example.org/agent/planner"
+    for bad in ["https://example.org/agent/x", "spiffe://example.org/robot/x",
+                "spiffe://Example.org/agent/x", "spiffe://example.org/agent/a/b",
+                "spiffe://example.org/agent/..", "spiffe://example.org/agent/"]:
+        with pytest.raises(BadRequest):
+            SpiffeId.parse(bad)
