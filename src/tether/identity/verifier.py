@@ -105,9 +105,12 @@ class Verifier:
         claims = TokenClaims.from_payload(verify_es256(token, self._keys))
         td = self._trust_domain
         if claims.issuer != self._issuer:
-            raise InvalidToken(
-                f"token issued by {claims.issuer[:120]!r}, not by trust domain {td!r}"
-            )
+            if claims.issuer.startswith("spiffe://"):
+                raise InvalidToken(
+                    f"token issued by foreign trust domain {claims.issuer[9:120]!r} "
+                    f"(this verifier trusts {td!r})"
+                )
+            raise InvalidToken(f"token issuer {claims.issuer[:120]!r} is not trust domain {td!r}")
         if claims.subject.trust_domain != td:
             raise InvalidToken(
                 f"token is for foreign trust domain {claims.subject.trust_domain!r} "
@@ -136,7 +139,7 @@ class Verifier:
             raise TokenExpired(f"token {claims.token_id[:64]} has expired")
         reason = self.revocations.reason(claims)
         if reason is not None:
-            raise TokenRevoked(f"token {claims.token_id[:64]} is revoked: {reason}")
+            raise TokenRevoked(f"token revoked: {reason}")
 
     def _remember(self, token: str, claims: TokenClaims, epoch: int) -> None:
         if self.cache_size == 0:
