@@ -174,6 +174,7 @@ def issue_x509_svid(
             f"cannot issue an SVID for trust domain {spiffe_id.trust_domain!r} "
             f"from the CA of {td!r}"
         )
+    not_before = max(not_before, ca_cert.not_valid_before_utc)  # never before the CA
     if not_after <= not_before:
         raise BadRequest("X.509-SVID lifetime is empty (not_after <= not_before)")
     if not_after > ca_cert.not_valid_after_utc:
@@ -192,7 +193,7 @@ def issue_x509_svid(
         .issuer_name(ca_cert.subject)
         .public_key(key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(max(not_before, ca_cert.not_valid_before_utc))
+        .not_valid_before(not_before)
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
