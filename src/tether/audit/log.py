@@ -1,0 +1,1317 @@
+"""The tamper-evident audit log: SQLite storage, group commit, signed checkpoints, proofs.
+
+One :class:`AuditLog` per data directory backs the :class:`~tether.events.Recorder` interface.
+
+**Entries.** Event *i* becomes the canonical JSON (RFC 8785) object::
+
+    {"actor": ..., "bodies": {name: sha256hex}, "data": {...}, "decision": ...,
+     "index": i, "session": ..., "subject": ..., "time_ms": int, "type": ..., "v": 1}
+
+``actor``, ``subject``, ``session`` and ``decision`` are left out when the event has none,
+``bodies`` when it has none; ``data`` is always there (maybe ``{}``). Those bytes are the RFC 9162
+leaf data, and the only thing verification trusts: the indexed columns stored beside them serve
+search and are checked against them by :meth:`AuditLog.verify`.
+
+**Values.** ``data`` passes through redaction (:mod:`tether.audit.redact`) and is normalised to
+the JSON that canonicalises without ambiguity: tuples become lists; an ``int`` outside
++-(2**53 - 1) and every ``float`` become strings (``repr``: ``0.25`` -> ``"0.25"``, ``nan`` ->
+``"NaN"``), so no entry holds a binary float whose RFC 8785 form a reader could disagree on.
+Keys must be strings; any other type is refused with :class:`~tether.errors.RecordFailed` (the
+action it describes is refused too: fail closed). Bodies are redacted as text, stored once per
+SHA-256 in ``bodies``, and referenced from the leaf by that digest.
+
+**Durability.** ``record`` queues the event and waits. One writer thread takes everything queued,
+appends it to the tree and writes entries, bodies and every newly completed tree node in one
+transaction (WAL, ``synchronous=FULL``: the commit is an fsync), then acknowledges the whole
+batch. If the commit fails, every waiter gets :class:`~tether.errors.RecordFailed` and the
+writer reloads the tree from what is actually committed.
+
+**Checkpoints.** The same thread signs a C2SP tlog checkpoint whenever the tree has grown and
+``checkpoint_interval`` has passed since the last one, and keeps every checkpoint. One thread
+owning every write means SQLite never makes a writer wait for another.
+
+**Tree nodes** are stored one row per complete subtree in table ``nodes`` under an integer key:
+the node's position in completion order (``2*m - popcount(m) + level`` for the node completed
+when leaf ``m`` was appended). Every insert is an append to a rowid B-tree, the ids of one leaf's
+nodes are consecutive, and a whole proof is one ``WHERE id IN (...)`` query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, Literal, NoReturn
+
+import orjson
+
+from tether.audit.canonical import MAX_SAFE_INTEGER, canonical_json
+from tether.audit.merkle import (
+    EMPTY_ROOT,
+    Node,
+    TreeBuilder,
+    assemble,
+    consistency_ranges,
+    fold,
+    inclusion_ranges,
+    range_nodes,
+)
+from tether.audit.note import (
+    Checkpoint,
+    NoteSigner,
+    NoteVerifier,
+    sign_checkpoint,
+    verify_checkpoint,
+)
+from tether.audit.redact import REDACTED, is_secret_key, redact_bytes, redact_text
+from tether.clock import Clock, SystemClock
+from tether.errors import (
+    AuditError,
+    BadRequest,
+    ConfigError,
+    NotFound,
+    RecordFailed,
+    StoreError,
+    TetherError,
+    VerificationFailed,
+)
+from tether.events import Event, Receipt
+
+__all__ = ["ENTRY_VERSION", "AuditLog", "VerifyReport", "node_id"]
+
+log = logging.getLogger("tether.audit")
+
+ENTRY_VERSION = 1
+SCHEMA_VERSION = 1
+DEFAULT_BUSY_TIMEOUT = 5.0
+MAX_SEARCH_LIMIT = 10_000
+_MAX_DEPTH = 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    data BLOB NOT NULL,
+    time_ms INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    actor TEXT,
+    subject TEXT,
+    session TEXT,
+    decision TEXT
+);
+CREATE INDEX IF NOT EXISTS entries_time ON entries(time_ms);
+CREATE INDEX IF NOT EXISTS entries_type ON entries(type);
+CREATE INDEX IF NOT EXISTS entries_actor ON entries(actor) WHERE actor IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_subject ON entries(subject) WHERE subject IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_session ON entries(session) WHERE session IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_decision ON entries(decision) WHERE decision IS NOT NULL;
+CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS bodies (sha256 BLOB PRIMARY KEY, content BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    note TEXT NOT NULL
+);
+"""
+_INSERT_ENTRY = (
+    "INSERT INTO entries (idx, data, time_ms, type, actor, subject, session, decision) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_NODE = "INSERT INTO nodes (id, hash) VALUES (?, ?)"
+_INSERT_BODY = "INSERT OR IGNORE INTO bodies (sha256, content) VALUES (?, ?)"
+_COLUMNS = ("time_ms", "type", "actor", "subject", "session", "decision")
+
+_sha256 = hashlib.sha256
+
+
+def node_id(level: int, index: int) -> int:
+    """The storage key of node ``(level, index)``: its position in completion order."""
+    m = ((index + 1) << level) - 1
+    return 2 * m - m.bit_count() + level
+
+
+def _node_count(size: int) -> int:
+    """How many complete subtrees (leaves included) a tree of ``size`` leaves has."""
+    return 2 * size - size.bit_count()
+
+
+def _now_ms(clock: Clock) -> int:
+    return int(clock.now() * 1000)
+
+
+# -- turning an Event into entry bytes ---------------------------------------------------------
+
+
+def _clean(value: Any, depth: int = 0) -> Any:
+    """Redact and normalise one ``data`` value (see the module docstring)."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return repr(value)
+    if depth >= _MAX_DEPTH:
+        raise RecordFailed(f"event data nests deeper than {_MAX_DEPTH} levels")
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RecordFailed(f"event data keys must be strings, not {type(k).__name__}")
+            if v is not None and is_secret_key(k):
+                out[k] = REDACTED
+            else:
+                out[k] = _clean(v, depth + 1)
+        return out
+    if isinstance(value, list | tuple):
+        return [_clean(v, depth + 1) for v in value]
+    raise RecordFailed(f"event data holds a {type(value).__name__}, which is not JSON")
+
+
+def _field(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise RecordFailed(f"event {name} must be a string, not {type(value).__name__}")
+    return redact_text(value)
+
+
+class _Item:
+    """A prepared event: canonical JSON split around the ``index`` member, which only the
+    writer knows. Keys sort as actor, bodies, data, decision | index | session, subject,
+    time_ms, type, v; so ``head[:-1] + ',"index":N,' + tail[1:]`` is the canonical entry."""
+
+    __slots__ = ("bodies", "head", "row", "tail")
+
+    def __init__(
+        self,
+        head: bytes,
+        tail: bytes,
+        row: tuple[int, str, str | None, str | None, str | None, str | None],
+        bodies: list[tuple[bytes, bytes]],
+    ) -> None:
+        self.head = head
+        self.tail = tail
+        self.row = row
+        self.bodies = bodies
+
+
+def _prepare(event: Event, clock: Clock) -> _Item:
+    if not isinstance(event, Event):
+        raise RecordFailed(f"not an Event: {type(event).__name__}")
+    if not isinstance(event.type, str) or not event.type:
+        raise RecordFailed("an event needs a non-empty type")
+    type_ = redact_text(event.type)
+    actor = _field(event.actor, "actor")
+    subject = _field(event.subject, "subject")
+    session = _field(event.session, "session")
+    decision = _field(event.decision, "decision")
+    if not isinstance(event.data, Mapping):
+        raise RecordFailed("event data must be a mapping")
+    data = _clean(event.data)
+    body_rows: list[tuple[bytes, bytes]] = []
+    refs: dict[str, str] = {}
+    for name, content in event.bodies.items():
+        if not isinstance(name, str) or not isinstance(content, bytes | bytearray | memoryview):
+            raise RecordFailed("event bodies must map names to bytes")
+        clean = redact_bytes(bytes(content))
+        digest = _sha256(clean).digest()
+        refs[redact_text(name)] = digest.hex()
+        body_rows.append((digest, clean))
+    time_ms = _now_ms(clock)
+    head: dict[str, Any] = {"data": data}
+    if actor is not None:
+        head["actor"] = actor
+    if refs:
+        head["bodies"] = refs
+    if decision is not None:
+        head["decision"] = decision
+    tail: dict[str, Any] = {"time_ms": time_ms, "type": type_, "v": ENTRY_VERSION}
+    if session is not None:
+        tail["session"] = session
+    if subject is not None:
+        tail["subject"] = subject
+    try:
+        head_b = canonical_json(head)
+        tail_b = canonical_json(tail)
+    except TetherError as e:
+        raise RecordFailed(f"event cannot be canonicalised: {e.message}") from e
+    except (TypeError, ValueError) as e:
+        raise RecordFailed(f"event cannot be canonicalised: {type(e).__name__}") from e
+    return _Item(head_b, tail_b, (time_ms, type_, actor, subject, session, decision), body_rows)
+
+
+def _entry_bytes(item: _Item, index: int) -> bytes:
+    return b'%b,"index":%d,%b' % (item.head[:-1], index, item.tail[1:])
+
+
+# -- batches and waiters ------------------------------------------------------------------------
+
+
+class _Batch:
+    """Everything queued while the previous commit ran; acknowledged (or failed) together."""
+
+    __slots__ = ("done", "error", "futures", "items", "receipts")
+
+    def __init__(self) -> None:
+        self.items: list[_Item] = []
+        self.done = threading.Event()
+        self.futures: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], int]]
+        ] = {}
+        self.receipts: list[Receipt] = []
+        self.error: RecordFailed | None = None
+
+    def settle(self) -> None:
+        self.done.set()
+        for loop, futs in self.futures.items():
+            # A closed loop has nobody waiting any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle_futures, futs, self.receipts, self.error)
+
+
+def _settle_futures(
+    futs: list[tuple[asyncio.Future[Receipt], int]],
+    receipts: list[Receipt],
+    error: RecordFailed | None,
+) -> None:
+    for fut, pos in futs:
+        if fut.done():
+            continue
+        if error is not None:
+            fut.set_exception(RecordFailed(error.message))
+        else:
+            fut.set_result(receipts[pos])
+
+
+# -- verification report -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What :meth:`AuditLog.verify` established. It exists only if everything verified."""
+
+    size: int
+    root: bytes
+    checkpoints: int  # stored checkpoints whose signature and root verified
+    signed_size: int  # the largest size a verified checkpoint covers
+    bodies: int  # stored bodies whose content matches their hash
+    extends: int | None = None  # size of the given earlier checkpoint this log extends
+    seconds: float = 0.0
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def unsigned(self) -> int:
+        """Entries after the last signed checkpoint (normal for a fraction of a second)."""
+        return self.size - self.signed_size
+
+
+# -- the log -----------------------------------------------------------------------------------
+
+
+class AuditLog:
+    """The audit log of one data directory. See the module docstring.
+
+    ``AuditLog(path, signer, origin)`` is the writer (one per file; call :meth:`start` or use it
+    as a context manager); :meth:`open_readonly` opens the same file for reading and verifying,
+    also while a writer runs in another process.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        signer: NoteSigner,
+        origin: str,
+        *,
+        clock: Clock | None = None,
+        checkpoint_interval: float = 0.25,
+        busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+    ) -> None:
+        if checkpoint_interval <= 0:
+            raise ConfigError("checkpoint_interval must be positive")
+        self.path = Path(path)
+        self.origin = origin
+        self._signer: NoteSigner | None = signer
+        self._verifier: NoteVerifier | None = NoteVerifier.from_vkey(signer.verifier_key)
+        self._clock: Clock = clock or SystemClock()
+        self._interval = checkpoint_interval
+        self._busy_timeout = busy_timeout
+        self._readonly = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        # writer state (owned by the writer thread once started)
+        self._cond = threading.Condition(threading.Lock())
+        self._pending = _Batch()
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._inflight: _Batch | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._tree = TreeBuilder()
+        self._head: tuple[int, bytes] = (0, EMPTY_ROOT)  # committed (size, root)
+        self._cp_size = -1
+        self._cp_note: str | None = None
+        self._cp_due = 0.0
+
+    @classmethod
+    def open_readonly(
+        cls, path: Path, verifier: NoteVerifier | None = None, origin: str | None = None
+    ) -> AuditLog:
+        """Open ``path`` for queries, proofs and :meth:`verify` only (record refuses).
+
+        ``origin`` defaults to the one the log was created with; pass it when known, so a
+        file from another log is refused. ``verify`` needs ``verifier``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise NotFound(f"no audit log at {path}", hint="run 'tether init' and 'tether serve'")
+        self = cls.__new__(cls)
+        self.path = path
+        self._signer = None
+        self._verifier = verifier
+        self._clock = SystemClock()
+        self._interval = 1.0
+        self._busy_timeout = DEFAULT_BUSY_TIMEOUT
+        self._readonly = True
+        self._local = threading.local()
+        self._readers = []
+        self._readers_lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._pending = _Batch()
+        self._started = True
+        self._closing = False
+        self._closed = False
+        self._thread = None
+        self._inflight = None
+        self._conn = None
+        self._tree = TreeBuilder()
+        self._head = (0, EMPTY_ROOT)
+        self._cp_size = -1
+        self._cp_note = None
+        self._cp_due = 0.0
+        stored = self._meta("origin")
+        if stored is None:
+            raise StoreError(f"{path} is not a Tether audit log (no origin recorded)")
+        if origin is not None and stored != origin:
+            raise ConfigError(f"{path} is the audit log of {stored!r}, not {origin!r}")
+        self.origin = stored
+        return self
+
+    def __repr__(self) -> str:
+        mode = "readonly" if self._readonly else "writer"
+        return f"AuditLog({str(self.path)!r}, origin={self.origin!r}, {mode})"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open (or create) the store, check and repair its tail, start the writer thread."""
+        if self._readonly:
+            return
+        with self._cond:
+            if self._started:
+                return
+            self._started = True
+        try:
+            self._conn = self._open_writer()
+            self._recover(self._conn)
+        except BaseException:
+            self._started = False
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+            raise
+        if self._cp_size != self._head[0]:
+            self._write_checkpoint()
+        self._thread = threading.Thread(target=self._run, name="tether-audit-writer", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Drain the queue, sign a final checkpoint, close every connection."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._closed = True
+        if self._conn is not None:
+            # Another process may still be reading; then the WAL stays, which is fine.
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+            self._conn = None
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+
+    def __enter__(self) -> AuditLog:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- connections -----------------------------------------------------------------------
+
+    def _open_writer(self) -> sqlite3.Connection:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self._busy_timeout,
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA cache_size=-65536")
+            conn.executescript(_SCHEMA)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('origin', ?), ('schema', ?)",
+                (self.origin, str(SCHEMA_VERSION)),
+            )
+            (stored,) = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the audit log {self.path}: {e}") from e
+        if stored != self.origin:
+            conn.close()
+            raise ConfigError(f"{self.path} is the audit log of {stored!r}, not {self.origin!r}")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise StoreError("the audit log is closed")
+        conn = self._connect_reader()
+        self._local.conn = conn
+        with self._readers_lock:
+            self._readers.append(conn)
+        return conn
+
+    def _connect_reader(self) -> sqlite3.Connection:
+        try:
+            if self._readonly:
+                conn = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=self._busy_timeout,
+                )
+            else:
+                conn = sqlite3.connect(
+                    self.path,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=self._busy_timeout,
+                )
+            conn.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log {self.path}: {e}") from e
+        return conn
+
+    def _meta(self, key: str) -> str | None:
+        try:
+            row = self._reader().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"{self.path} is not a readable audit log: {e}") from e
+        return None if row is None else str(row[0])
+
+    # -- opening checks and repair -----------------------------------------------------------
+
+    def _recover(self, conn: sqlite3.Connection) -> None:
+        """Check what a crash could have left and load the tree.
+
+        A commit is atomic, so after a crash the store normally holds whole batches. Damage (a
+        restored backup, a truncated file, hand edits) is caught here: entries must be dense,
+        every checkpoint must lie within them and match the stored nodes, and the entries after
+        the last checkpoint are re-hashed. Missing nodes are recomputed from the entries;
+        anything else that does not verify refuses to open (run ``tether audit verify``).
+        """
+        try:
+            row = conn.execute("SELECT count(*), max(idx) FROM entries").fetchone()
+            count, last = int(row[0]), row[1]
+            size = 0 if last is None else int(last) + 1
+            if count != size:
+                self._fail_full_verify(f"entries are not dense: {count} rows up to {size}")
+            (max_node,) = conn.execute("SELECT max(id) FROM nodes").fetchone()
+            stored_nodes = 0 if max_node is None else int(max_node) + 1
+            cps = conn.execute("SELECT size, note FROM checkpoints ORDER BY size").fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log {self.path}: {e}") from e
+        if stored_nodes > _node_count(size):
+            raise VerificationFailed(
+                f"the audit log holds tree nodes for entries beyond its last entry {size - 1}: "
+                "entries were removed",
+                index=size,
+                hint="run 'tether audit verify' and restore the store from a backup",
+            )
+        if cps and int(cps[-1][0]) > size:
+            raise VerificationFailed(
+                f"a signed checkpoint covers {cps[-1][0]} entries but the log has {size}: "
+                "acknowledged entries were lost",
+                index=size,
+                hint="restore the store from a backup; the checkpoint proves what was lost",
+            )
+        # The largest leaf count whose nodes are all stored; recompute the rest from entries.
+        complete = size
+        if stored_nodes < _node_count(size):
+            lo, hi = 0, size
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if _node_count(mid) <= stored_nodes:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            complete = lo
+        check: tuple[int, bytes] | None = None
+        if cps:
+            cp = self._check_note(cps[-1][1], int(cps[-1][0]))
+            check = (cp.size, cp.root_hash)
+            self._cp_size, self._cp_note = cp.size, str(cps[-1][1])
+        start = complete if check is None else min(complete, check[0])
+        tree = TreeBuilder(start, self._frontier(conn, start))
+        repaired = self._replay_tail(conn, tree, size, complete, check)
+        if repaired:
+            log.warning(
+                "audit log %s: recomputed %d missing tree nodes from entries", self.path, repaired
+            )
+        self._tree = tree
+        self._head = (tree.size, tree.root())
+
+    def _fail_full_verify(self, what: str) -> NoReturn:
+        """Something is wrong: verify everything to name the first bad entry, then refuse."""
+        reader = self._connect_reader()
+        try:
+            self._verify_with(reader, None)
+        finally:
+            reader.close()
+        raise VerificationFailed(
+            f"the audit log does not open cleanly: {what}",
+            hint="run 'tether audit verify'; restore the store from a backup",
+        )
+
+    def _check_note(self, note: str, size: int) -> Checkpoint:
+        assert self._verifier is not None
+        cp = verify_checkpoint(note, self._verifier, self.origin)
+        if cp.size != size:
+            raise VerificationFailed(
+                f"checkpoint stored as size {size} says size {cp.size}", index=min(size, cp.size)
+            )
+        return cp
+
+    def _frontier(self, conn: sqlite3.Connection, size: int) -> list[bytes]:
+        nodes = range_nodes(0, size)
+        found = self._fetch_nodes(conn, nodes)
+        try:
+            return [found[n] for n in nodes]
+        except KeyError as e:
+            raise StoreError(f"tree node {e.args[0]} is missing from {self.path}") from e
+
+    def _replay_tail(
+        self,
+        conn: sqlite3.Connection,
+        tree: TreeBuilder,
+        size: int,
+        complete: int,
+        check: tuple[int, bytes] | None,
+    ) -> int:
+        """Re-hash entries ``tree.size .. size`` and compare them with the stored nodes; add the
+        nodes of entries from ``complete`` on that have none; check the last checkpoint's root
+        when the replay reaches its size. Returns how many nodes were added."""
+
+        def check_root() -> None:
+            if check is not None and tree.size == check[0] and tree.root() != check[1]:
+                self._fail_full_verify(f"the tree does not match checkpoint {check[0]}")
+
+        check_root()
+        if tree.size >= size:
+            return 0
+        first = tree.size
+        node_cur = conn.execute(
+            "SELECT id, hash FROM nodes WHERE id >= ? ORDER BY id", (_node_count(first),)
+        )
+        peek = node_cur.fetchone()
+        missing: list[tuple[int, bytes]] = []
+        cur = conn.execute("SELECT idx, data FROM entries WHERE idx >= ? ORDER BY idx", (first,))
+        for idx, data in cur:
+            _check_entry_bytes(idx, data)
+            leaf = _sha256(b"\x00" + data).digest()
+            base = 2 * idx - idx.bit_count()
+            for k, (_, h) in enumerate(tree.append(leaf)):
+                if peek is not None and peek[0] == base + k:
+                    if peek[1] != h:
+                        raise VerificationFailed(
+                            f"entry {idx} does not match the stored tree: it was changed after "
+                            "it was written",
+                            index=idx,
+                            hint="run 'tether audit verify'; restore the store from a backup",
+                        )
+                    peek = node_cur.fetchone()
+                elif idx >= complete:
+                    missing.append((base + k, h))
+                else:
+                    raise VerificationFailed(f"entry {idx} has no stored tree node", index=idx)
+            check_root()
+        if missing:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT_NODE, missing)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return len(missing)
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def _enqueue(
+        self, item: _Item, fut: tuple[asyncio.AbstractEventLoop, asyncio.Future[Receipt]] | None
+    ) -> tuple[_Batch, int]:
+        with self._cond:
+            if self._readonly:
+                raise RecordFailed("this audit log is open read-only")
+            if self._closing or not self._started:
+                raise RecordFailed("the audit log is not running")
+            batch = self._pending
+            pos = len(batch.items)
+            batch.items.append(item)
+            if fut is not None:
+                batch.futures.setdefault(fut[0], []).append((fut[1], pos))
+            if pos == 0:
+                self._cond.notify()
+        return batch, pos
+
+    def record(self, event: Event) -> Receipt:
+        """Append ``event``; return once it is durable. Raises RecordFailed otherwise."""
+        batch, pos = self._enqueue(_prepare(event, self._clock), None)
+        batch.done.wait()
+        if batch.error is not None:
+            raise RecordFailed(batch.error.message) from batch.error.__cause__
+        return batch.receipts[pos]
+
+    async def arecord(self, event: Event) -> Receipt:
+        """The same for async callers: waits on a future the writer resolves, never blocking
+        the loop on disk."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Receipt] = loop.create_future()
+        self._enqueue(_prepare(event, self._clock), (loop, fut))
+        return await fut
+
+    # -- the writer thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # the writer must never die silently with callers waiting
+            log.critical("audit writer stopped: %s", e)
+            with self._cond:
+                self._closing = True
+                pending, self._pending = self._pending, _Batch()
+            for batch in (self._inflight, pending):
+                if batch is not None and not batch.done.is_set():
+                    batch.error = RecordFailed(f"the audit writer stopped: {type(e).__name__}")
+                    batch.receipts = []
+                    batch.settle()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending.items and not self._closing:
+                    timeout = self._checkpoint_wait()
+                    if timeout is not None and timeout <= 0:
+                        break
+                    self._cond.wait(timeout)
+                batch = self._pending
+                if batch.items:
+                    self._pending = _Batch()
+                closing = self._closing
+            if batch.items:
+                self._inflight = batch
+                self._commit(batch)
+                self._inflight = None
+            if closing:
+                with self._cond:
+                    if self._pending.items:
+                        continue
+                if self._cp_size != self._head[0]:
+                    self._write_checkpoint()
+                return
+            wait = self._checkpoint_wait()
+            if wait is not None and wait <= 0:
+                self._write_checkpoint()
+
+    def _checkpoint_wait(self) -> float | None:
+        if self._head[0] == self._cp_size:
+            return None
+        return self._cp_due - time.monotonic()
+
+    def _commit(self, batch: _Batch) -> None:
+        conn = self._conn
+        assert conn is not None
+        tree = self._tree
+        size0, frontier0 = tree.size, tree.frontier
+        entries: list[tuple[Any, ...]] = []
+        nodes: list[tuple[int, bytes]] = []
+        bodies: list[tuple[bytes, bytes]] = []
+        receipts = batch.receipts
+        append = tree.append
+        for item in batch.items:
+            i = tree.size
+            data = _entry_bytes(item, i)
+            leaf = _sha256(b"\x00" + data).digest()
+            base = 2 * i - i.bit_count()
+            for k, (_, h) in enumerate(append(leaf)):
+                nodes.append((base + k, h))
+            entries.append((i, data, *item.row))
+            if item.bodies:
+                bodies.extend(item.bodies)
+            receipts.append(Receipt(index=i, leaf_hash=leaf))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT_ENTRY, entries)
+                conn.executemany(_INSERT_NODE, nodes)
+                if bodies:
+                    conn.executemany(_INSERT_BODY, bodies)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as e:
+            self._tree = TreeBuilder(size0, frontier0)
+            self._reload_after_failure()
+            log.error("audit commit of %d entries failed: %s", len(entries), e)
+            err = RecordFailed(f"the audit log could not make the event durable: {e}")
+            err.__cause__ = e
+            batch.error = err
+            batch.receipts = []
+        else:
+            if self._head[0] == self._cp_size:
+                self._cp_due = time.monotonic() + self._interval
+            self._head = (tree.size, tree.root())
+        batch.settle()
+
+    def _reload_after_failure(self) -> None:
+        """The commit may have failed after reaching the disk; trust only what is stored."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            (last,) = conn.execute("SELECT max(idx) FROM entries").fetchone()
+            size = 0 if last is None else int(last) + 1
+            if size != self._tree.size:
+                self._tree = TreeBuilder(size, self._frontier(conn, size))
+                self._head = (size, self._tree.root())
+        except (sqlite3.Error, TetherError, ValueError) as e:
+            log.error("audit log state could not be reloaded after a failed commit: %s", e)
+
+    def _write_checkpoint(self) -> None:
+        size, root = self._head
+        signer = self._signer
+        conn = self._conn
+        assert signer is not None and conn is not None
+        note = sign_checkpoint(Checkpoint(self.origin, size, root), signer)
+        try:
+            conn.execute(
+                "INSERT OR REPLACE INTO checkpoints (size, time_ms, note) VALUES (?, ?, ?)",
+                (size, _now_ms(self._clock), note),
+            )
+        except sqlite3.Error as e:
+            log.error("audit checkpoint at size %d could not be stored: %s", size, e)
+            self._cp_due = time.monotonic() + self._interval
+            return
+        self._cp_size, self._cp_note = size, note
+        self._cp_due = time.monotonic() + self._interval
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def size(self) -> int:
+        """Entries acknowledged so far (for a read-only log: committed so far)."""
+        if self._readonly:
+            return self._stored_size(self._reader())
+        return self._head[0]
+
+    def _stored_size(self, conn: sqlite3.Connection) -> int:
+        try:
+            (last,) = conn.execute("SELECT max(idx) FROM entries").fetchone()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log: {e}") from e
+        return 0 if last is None else int(last) + 1
+
+    @property
+    def verifier_key(self) -> str:
+        """The C2SP note verifier key of the checkpoints (``<name>+<hex8>+<base64>``)."""
+        if self._verifier is None:
+            raise ConfigError("no checkpoint verifier key is known for this log")
+        return self._verifier.verifier_key
+
+    def latest_checkpoint(self) -> str:
+        """The newest signed checkpoint note."""
+        if not self._readonly and self._cp_note is not None:
+            return self._cp_note
+        try:
+            row = (
+                self._reader()
+                .execute("SELECT note FROM checkpoints ORDER BY size DESC LIMIT 1")
+                .fetchone()
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log: {e}") from e
+        if row is None:
+            raise NotFound("the audit log has no checkpoint yet")
+        return str(row[0])
+
+    def checkpoint_notes(self) -> list[str]:
+        """Every stored checkpoint, oldest first."""
+        rows = self._reader().execute("SELECT note FROM checkpoints ORDER BY size").fetchall()
+        return [str(r[0]) for r in rows]
+
+    # -- proofs ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _fetch_nodes(conn: sqlite3.Connection, nodes: Sequence[Node]) -> dict[Node, bytes]:
+        if not nodes:
+            return {}
+        by_id = {node_id(lvl, idx): (lvl, idx) for lvl, idx in nodes}
+        marks = ",".join("?" * len(by_id))
+        try:
+            rows = conn.execute(
+                f"SELECT id, hash FROM nodes WHERE id IN ({marks})",  # noqa: S608 - only marks
+                tuple(by_id),
+            ).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read tree nodes: {e}") from e
+        return {by_id[i]: bytes(h) for i, h in rows}
+
+    def _get(self, nodes: Sequence[Node]) -> Mapping[Node, bytes]:
+        return self._fetch_nodes(self._reader(), nodes)
+
+    def _resolve_size(self, size: int | None) -> int:
+        current = self.size()
+        if size is None:
+            return current
+        if not 0 <= size <= current:
+            raise BadRequest(f"tree size {size} is outside the log (0..{current})")
+        return size
+
+    def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
+        """RFC 9162 inclusion proof of entry ``index`` in the tree of ``size`` (default: all)."""
+        n = self._resolve_size(size)
+        if not 0 <= index < n:
+            raise BadRequest(f"entry {index} is not in a tree of size {n}")
+        return assemble(inclusion_ranges(index, n), self._get)
+
+    def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
+        """RFC 9162 consistency proof from ``old_size`` to ``new_size`` (default: all)."""
+        n = self._resolve_size(new_size)
+        if not 0 <= old_size <= n:
+            raise BadRequest(f"no consistency proof from size {old_size} to {n}")
+        return assemble(consistency_ranges(old_size, n), self._get)
+
+    def root(self, size: int | None = None) -> bytes:
+        """The Merkle tree hash of the first ``size`` entries (default: all)."""
+        n = self._resolve_size(size)
+        if not self._readonly and n == self._head[0]:
+            return self._head[1]
+        nodes = range_nodes(0, n)
+        found = self._get(nodes)
+        try:
+            return fold([found[x] for x in nodes])
+        except KeyError as e:
+            raise StoreError(f"tree node {e.args[0]} is missing") from e
+
+    # -- queries ---------------------------------------------------------------------------------
+
+    def entry_data(self, index: int) -> bytes:
+        """The canonical bytes of entry ``index`` (the leaf data)."""
+        try:
+            row = (
+                self._reader()
+                .execute("SELECT data FROM entries WHERE idx = ?", (index,))
+                .fetchone()
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log: {e}") from e
+        if row is None:
+            raise NotFound(f"no audit entry {index}")
+        return bytes(row[0])
+
+    def entry(self, index: int) -> dict[str, Any]:
+        """Entry ``index`` as a dict (parsed from its canonical bytes)."""
+        return _parse(self.entry_data(index))
+
+    def body(self, sha256hex: str) -> bytes:
+        """A stored body by its SHA-256 (hex)."""
+        try:
+            key = bytes.fromhex(sha256hex)
+        except ValueError as e:
+            raise BadRequest("a body is named by its SHA-256 in hex") from e
+        if len(key) != 32:
+            raise BadRequest("a body is named by its SHA-256 in hex")
+        try:
+            row = (
+                self._reader()
+                .execute("SELECT content FROM bodies WHERE sha256 = ?", (key,))
+                .fetchone()
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log: {e}") from e
+        if row is None:
+            raise NotFound(f"no audit body sha256:{sha256hex}")
+        return bytes(row[0])
+
+    def search(
+        self,
+        identity: str | None = None,
+        session: str | None = None,
+        type: str | None = None,
+        decision: str | None = None,
+        since_ms: int | None = None,
+        until_ms: int | None = None,
+        limit: int = 100,
+        descending: bool = False,
+        after: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Entries matching every given filter, by index. ``identity`` matches actor or
+        subject; ``type`` ending in ``*`` matches a prefix (``llm.*``); ``since_ms`` is
+        inclusive, ``until_ms`` exclusive; ``after`` continues from an index (exclusive)."""
+        if not 1 <= limit <= MAX_SEARCH_LIMIT:
+            raise BadRequest(f"limit must be between 1 and {MAX_SEARCH_LIMIT}")
+        where: list[str] = []
+        args: list[Any] = []
+        if identity is not None:
+            where.append("(actor = ? OR subject = ?)")
+            args += [identity, identity]
+        if session is not None:
+            where.append("session = ?")
+            args.append(session)
+        if type is not None:
+            if type.endswith("*"):
+                where.append("type >= ? AND type < ?")
+                prefix = type[:-1]
+                args += [prefix, prefix + "\U0010ffff"]
+            else:
+                where.append("type = ?")
+                args.append(type)
+        if decision is not None:
+            where.append("decision = ?")
+            args.append(decision)
+        if since_ms is not None:
+            where.append("time_ms >= ?")
+            args.append(since_ms)
+        if until_ms is not None:
+            where.append("time_ms < ?")
+            args.append(until_ms)
+        if after is not None:
+            where.append("idx < ?" if descending else "idx > ?")
+            args.append(after)
+        sql = "SELECT data FROM entries"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY idx {'DESC' if descending else 'ASC'} LIMIT ?"
+        args.append(limit)
+        try:
+            rows = self._reader().execute(sql, args).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot search the audit log: {e}") from e
+        return [_parse(bytes(r[0])) for r in rows]
+
+    def session(self, session_id: str) -> list[dict[str, Any]]:
+        """Every entry of one session, in order."""
+        try:
+            rows = (
+                self._reader()
+                .execute("SELECT data FROM entries WHERE session = ? ORDER BY idx", (session_id,))
+                .fetchall()
+            )
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the audit log: {e}") from e
+        return [_parse(bytes(r[0])) for r in rows]
+
+    def tail(self, n: int = 20) -> list[dict[str, Any]]:
+        """The last ``n`` entries, oldest first."""
+        if n <= 0:
+            return []
+        return list(reversed(self.search(limit=min(n, MAX_SEARCH_LIMIT), descending=True)))
+
+    def iter_entries(self, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The canonical bytes of entries ``start .. end`` in order, from one snapshot."""
+        conn = self._connect_reader()
+        try:
+            conn.execute("BEGIN")
+            hi = self._stored_size(conn) if end is None else end
+            cur = conn.execute(
+                "SELECT data FROM entries WHERE idx >= ? AND idx < ? ORDER BY idx", (start, hi)
+            )
+            for (data,) in cur:
+                yield bytes(data)
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def export(
+        self,
+        fp: IO[bytes],
+        fmt: Literal["jsonl", "ocsf"] = "jsonl",
+        bodies_dir: Path | None = None,
+        size: int | None = None,
+    ) -> int:
+        """Write the first ``size`` entries (default: all) to ``fp``; return how many.
+
+        ``jsonl``: line *i* is exactly the leaf data of entry *i* and a newline, what
+        ``tools/verify_log.py`` checks against a checkpoint. ``ocsf``: one OCSF 1.x event per
+        line (mapping in :mod:`tether.audit._ocsf`). With ``bodies_dir``, each referenced body is
+        written there as a file named by its SHA-256.
+        """
+        if fmt not in ("jsonl", "ocsf"):
+            raise BadRequest(f"unknown export format {fmt!r} (jsonl or ocsf)")
+        from tether.audit._ocsf import to_ocsf
+
+        n = self._resolve_size(size)
+        if bodies_dir is not None:
+            bodies_dir.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for data in self.iter_entries(0, n):
+            if fmt == "jsonl":
+                fp.write(data + b"\n")
+            else:
+                fp.write(orjson.dumps(to_ocsf(_parse(data), self.origin)) + b"\n")
+            if bodies_dir is not None and b'"bodies":' in data:
+                for digest in _parse(data).get("bodies", {}).values():
+                    target = bodies_dir / str(digest)
+                    if not target.exists():
+                        target.write_bytes(self.body(str(digest)))
+            count += 1
+        return count
+
+    # -- verification --------------------------------------------------------------------------
+
+    def verify(self, checkpoint: str | None = None) -> VerifyReport:
+        """Recompute and check everything; see :meth:`_verify_with`. Raises VerificationFailed
+        naming the first bad entry."""
+        if self._verifier is None:
+            raise ConfigError(
+                "verifying needs the log's checkpoint verifier key",
+                hint="pass the key from <data dir>/keys/audit-note.vkey",
+            )
+        conn = self._connect_reader()
+        try:
+            return self._verify_with(conn, checkpoint)
+        finally:
+            conn.close()
+
+    def _verify_with(self, conn: sqlite3.Connection, external: str | None) -> VerifyReport:
+        """One read snapshot: every body re-hashed; every entry canonical, at its index, with
+        its columns matching its bytes and its bodies present; the whole tree recomputed and
+        compared node by node with the stored one; every stored checkpoint's signature checked
+        and its root compared with the recomputed root at its size; and, given an earlier
+        checkpoint, the log proven to extend it (a shorter or forked log fails)."""
+        started = time.perf_counter()
+        verifier = self._verifier
+        assert verifier is not None
+        try:
+            conn.execute("BEGIN")
+            try:
+                return self._verify_snapshot(conn, verifier, external, started)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            raise VerificationFailed(f"the audit store cannot be read: {e}") from e
+
+    def _verify_snapshot(
+        self,
+        conn: sqlite3.Connection,
+        verifier: NoteVerifier,
+        external: str | None,
+        started: float,
+    ) -> VerifyReport:
+        origin = self.origin
+        stored_origin = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+        if stored_origin is None or stored_origin[0] != origin:
+            raise VerificationFailed(f"the store is not the audit log of {origin!r}")
+        # Bodies first: a body whose bytes no longer match its name is named by the first
+        # entry that references it.
+        known: set[bytes] = set()
+        altered: set[bytes] = set()
+        for key, content in conn.execute("SELECT sha256, content FROM bodies"):
+            key = bytes(key)
+            (known if _sha256(content).digest() == key else altered).add(key)
+        # Stored checkpoints: signatures now, roots when the replay reaches their size.
+        targets: list[tuple[int, bytes, str]] = []
+        for size, note in conn.execute("SELECT size, note FROM checkpoints ORDER BY size"):
+            try:
+                cp = verify_checkpoint(note, verifier, origin)
+            except VerificationFailed as e:
+                raise VerificationFailed(
+                    f"stored checkpoint at size {size}: {e.message}", index=None
+                ) from e
+            if cp.size != size:
+                raise VerificationFailed(f"checkpoint stored as size {size} says {cp.size}")
+            targets.append((cp.size, cp.root_hash, f"signed checkpoint at size {cp.size}"))
+        extends: int | None = None
+        if external is not None:
+            cp = verify_checkpoint(external, verifier, origin)
+            extends = cp.size
+            targets.append((cp.size, cp.root_hash, f"the given checkpoint (size {cp.size})"))
+        targets.sort(key=lambda t: t[0])
+        checked = [0]  # the last size whose root matched a checkpoint, for naming ranges
+        tree = TreeBuilder()
+
+        def check_targets() -> None:
+            while targets and targets[0][0] == tree.size:
+                size, root, what = targets.pop(0)
+                if tree.root() != root:
+                    first = checked[0]
+                    raise VerificationFailed(
+                        f"the log does not match {what}: an entry in {first}..{size - 1} was "
+                        "changed, removed or reordered, or the log was forked",
+                        index=first if size > first else None,
+                    )
+                checked[0] = size
+
+        check_targets()
+        node_cur = conn.execute("SELECT id, hash FROM nodes ORDER BY id")
+        next_node = node_cur.fetchone
+        cur = conn.execute(
+            "SELECT idx, data, time_ms, type, actor, subject, session, decision "
+            "FROM entries ORDER BY idx"
+        )
+        for idx, data, *columns in cur:
+            i = tree.size
+            if idx != i:
+                raise VerificationFailed(f"entry {i} is missing from the audit log", index=i)
+            obj = _check_entry_bytes(idx, data)
+            for name, value in zip(_COLUMNS, columns, strict=True):
+                if obj.get(name) != value:
+                    raise VerificationFailed(
+                        f"entry {idx}: the stored {name} column does not match its signed bytes",
+                        index=idx,
+                    )
+            refs = obj.get("bodies")
+            if refs is not None:
+                _check_refs(idx, refs, known, altered)
+            leaf = _sha256(b"\x00" + data).digest()
+            base = 2 * idx - idx.bit_count()
+            for k, (_, h) in enumerate(tree.append(leaf)):
+                row = next_node()
+                if row is None or row[0] != base + k:
+                    raise VerificationFailed(
+                        f"entry {idx} has no stored tree node {base + k}: the tree is "
+                        "incomplete or was edited",
+                        index=idx,
+                    )
+                if row[1] != h:
+                    what = "the entry" if k == 0 else "a stored tree node"
+                    raise VerificationFailed(
+                        f"entry {idx} does not match the stored tree ({what} was changed)",
+                        index=idx,
+                    )
+            if targets and targets[0][0] == tree.size:
+                check_targets()
+        size = tree.size
+        if next_node() is not None:
+            raise VerificationFailed(
+                f"the store holds tree nodes for entries after {size - 1}: entries were removed",
+                index=size,
+            )
+        if targets:
+            cp_size, _, what = targets[0]
+            raise VerificationFailed(
+                f"the log has {size} entries but {what} covers {cp_size}: "
+                "the log was truncated or rolled back",
+                index=size,
+            )
+        n_cps = conn.execute("SELECT count(*), coalesce(max(size), 0) FROM checkpoints").fetchone()
+        warnings: list[str] = []
+        if int(n_cps[1]) < size:
+            warnings.append(
+                f"{size - int(n_cps[1])} entries are not yet inside a signed checkpoint"
+            )
+        return VerifyReport(
+            size=size,
+            root=tree.root(),
+            checkpoints=int(n_cps[0]),
+            signed_size=int(n_cps[1]),
+            bodies=len(known),
+            extends=extends,
+            seconds=time.perf_counter() - started,
+            warnings=tuple(warnings),
+        )
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise AuditError(f"an audit entry is not JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise AuditError("an audit entry is not a JSON object")
+    return obj
+
+
+def _check_entry_bytes(idx: int, data: bytes) -> dict[str, Any]:
+    """The entry at position ``idx`` must be canonical JSON of the current version that says it
+    is entry ``idx``; return it parsed."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise VerificationFailed(f"entry {idx} is not valid JSON", index=idx) from e
+    if not isinstance(obj, dict) or obj.get("v") != ENTRY_VERSION:
+        raise VerificationFailed(f"entry {idx} is not a version {ENTRY_VERSION} entry", index=idx)
+    if obj.get("index") != idx:
+        raise VerificationFailed(
+            f"entry {idx} says it is entry {obj.get('index')!r}: entries were moved", index=idx
+        )
+    try:
+        canonical = canonical_json(obj)
+    except (TetherError, TypeError, ValueError) as e:
+        raise VerificationFailed(f"entry {idx} cannot be canonicalised", index=idx) from e
+    if canonical != data:
+        raise VerificationFailed(f"entry {idx} is not canonical JSON: it was edited", index=idx)
+    return obj
+
+
+def _check_refs(idx: int, refs: Any, known: set[bytes], altered: set[bytes]) -> None:
+    if not isinstance(refs, dict):
+        raise VerificationFailed(f"entry {idx}: 'bodies' is not an object", index=idx)
+    for name, digest in refs.items():
+        try:
+            key = bytes.fromhex(digest)
+        except (TypeError, ValueError) as e:
+            raise VerificationFailed(
+                f"entry {idx}: body {name!r} has no valid hash", index=idx
+            ) from e
+        if key in altered:
+            raise VerificationFailed(
+                f"entry {idx}: body {name!r} (sha256:{digest[:16]}...) was altered", index=idx
+            )
+        if key not in known:
+            raise VerificationFailed(
+                f"entry {idx}: body {name!r} (sha256:{digest[:16]}...) is missing", index=idx
+            )
