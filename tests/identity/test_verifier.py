@@ -165,9 +165,10 @@ def test_audience_list_containing_ours_is_accepted(world: World) -> None:
     assert world.verifier().verify(world.token(claims)).audience == ("billing", AUDIENCE)
 
 
-def test_non_string_token_is_refused(world: World) -> None:
+@pytest.mark.parametrize("token", [b"abc.def.ghi", ["abc"], None, 7])
+def test_non_string_token_is_refused(world: World, token: object) -> None:
     with pytest.raises(InvalidToken, match="not a string"):
-        world.verifier().verify(b"abc.def.ghi")  # type: ignore[arg-type]
+        world.verifier().verify(token)  # type: ignore[arg-type]
 
 
 def test_verifier_repr_holds_no_token(world: World) -> None:

@@ -91,6 +91,8 @@ class Verifier:
 
     def verify(self, token: str) -> TokenClaims:
         """The verified claims of ``token``. Raises InvalidToken, TokenExpired or TokenRevoked."""
+        if not isinstance(token, str):  # before the cache: a list is not even hashable
+            raise InvalidToken("malformed token: not a string")
         claims = self._cache.get(token)
         if claims is not None:
             self._check_current(claims, token)
