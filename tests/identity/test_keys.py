@@ -189,3 +189,9 @@ def test_symlinked_key_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "b" / JWT_KEY_FILE).symlink_to(tmp_path / "a" / JWT_KEY_FILE)
     with pytest.raises(ConfigError, match="not a regular file"):
         load_or_create_keys(tmp_path / "b", TD, NOTE)
+
+
+def test_unwritable_keys_dir_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot create"):
+        load_or_create_keys(tmp_path / "file" / "keys", TD, NOTE)

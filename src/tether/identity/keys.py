@@ -130,21 +130,24 @@ def _publish(path: Path, data: bytes, mode: int) -> bool:
     sees a half-written key and an existing file is never replaced.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # the umask may have narrowed a public file's mode
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
         try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # the umask may have narrowed a public file's mode
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except OSError as e:
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from e
 
 
 def _read(path: Path, *, private: bool) -> bytes:
@@ -270,7 +273,10 @@ def load_or_create_keys(keys_dir: Path, trust_domain: str, note_name: str) -> tu
     """
     _check_note_name(note_name)
     if not keys_dir.exists():
-        keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create {keys_dir}: {e.strerror}") from e
     if not keys_dir.is_dir():
         raise ConfigError(f"{keys_dir} is not a directory")
     ca_key_path = keys_dir / CA_KEY_FILE
