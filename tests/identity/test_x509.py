@@ -112,6 +112,11 @@ def test_openssl_verifies_the_leaf_with_no_tether_code(ca: CA, tmp_path: Path) -
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_leaf_without_extended_key_usage_is_accepted(ca: CA) -> None:
+    # The spec says leaves SHOULD carry one; absent, nothing restricts the key's use.
+    assert verify_x509_svid(pem(ca.custom_leaf(eku=())), [ca.cert], TD, NOW) == AGENT
+
+
 @pytest.mark.parametrize("name", sorted(BOGUS_CHAINS))
 def test_bogus_chain_is_refused(ca: CA, name: str) -> None:
     bogus = BOGUS_CHAINS[name](ca)

@@ -256,8 +256,8 @@ def csr_public_key(csr_pem: bytes, expected: SpiffeId) -> SvidPublicKey:
 
 
 def _ee_policy() -> ExtensionPolicy:
-    # The web PKI end-entity profile wants a DNS/IP subject; an SVID names a URI instead and we
-    # check the SPIFFE leaf rules ourselves, so we only forbid what a leaf may never be.
+    # The web PKI end-entity profile wants a DNS or IP subject; an SVID names a URI instead. So
+    # path validation accepts any leaf extensions and ``_check_leaf`` applies the SPIFFE rules.
     return ExtensionPolicy.permit_all()
 
 
@@ -302,7 +302,11 @@ def verify_x509_svid(
 
 
 def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
-    """The SPIFFE X509-SVID leaf rules (spec sections 4.1, 4.3, 5.2)."""
+    """The SPIFFE X509-SVID leaf rules (spec sections 4.1, 4.3, 4.4, 5.2).
+
+    The caller is authenticating a client, so an extended key usage, when present, must allow
+    clientAuth (the spec has SVIDs carry both serverAuth and clientAuth).
+    """
     try:
         exts = leaf.extensions
     except (ValueError, x509.DuplicateExtension) as e:
@@ -321,6 +325,12 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
         raise InvalidToken("not an X.509-SVID: the leaf lacks the digitalSignature key usage")
     if ku.key_cert_sign or ku.crl_sign:
         raise InvalidToken("not an X.509-SVID: the leaf may not sign certificates or CRLs")
+    try:
+        eku = exts.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = None  # optional in the spec ("SHOULD include")
+    if eku is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise InvalidToken("not usable here: the leaf's extended key usage excludes clientAuth")
     uris = _uri_sans(leaf)
     if len(uris) != 1:
         raise InvalidToken(f"not an X.509-SVID: the leaf has {len(uris)} URI SANs (exactly 1)")
