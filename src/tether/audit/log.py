@@ -93,6 +93,7 @@ log = logging.getLogger("tether.audit")
 ENTRY_VERSION = 1
 SCHEMA_VERSION = 1
 DEFAULT_BUSY_TIMEOUT = 5.0
+LINGER = 0.001  # group commit: longest wait for the last batch's callers to queue again
 MAX_SEARCH_LIMIT = 10_000
 _MAX_DEPTH = 64
 
@@ -128,6 +129,24 @@ _INSERT_ENTRY = (
 )
 _INSERT_NODE = "INSERT INTO nodes (id, hash) VALUES (?, ?)"
 _INSERT_BODY = "INSERT OR IGNORE INTO bodies (sha256, content) VALUES (?, ?)"
+# Batch inserts as ONE statement each: the rows travel as one blob plus a JSON index into it.
+# sqlite3's executemany releases and retakes the GIL around every row; with many recording
+# threads each retake can wait for a switch interval, which starved the writer (measured: 6k/s
+# with executemany, see bench/bench_audit.py). One statement per table takes it back once.
+_BATCH_ENTRIES = (
+    "INSERT INTO entries (idx, data, time_ms, type, actor, subject, session, decision) "
+    "SELECT value->>0, substr(?1, value->>1, value->>2), value->>3, value->>4, value->>5, "
+    "value->>6, value->>7, value->>8 FROM json_each(?2)"
+)
+_BATCH_NODES = (
+    "WITH RECURSIVE s(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM s WHERE i + 1 < ?3) "
+    "INSERT INTO nodes (id, hash) SELECT ?1 + i, substr(?2, i * 32 + 1, 32) FROM s"
+)
+_BATCH_BODIES = (
+    "INSERT OR IGNORE INTO bodies (sha256, content) "
+    "SELECT substr(?1, value->>0, 32), substr(?1, value->>1, value->>2) FROM json_each(?2)"
+)
+_BATCHED = sqlite3.sqlite_version_info >= (3, 38, 0)  # the ->> operator
 _COLUMNS = ("time_ms", "type", "actor", "subject", "session", "decision")
 
 _sha256 = hashlib.sha256
@@ -210,7 +229,7 @@ class _Item:
         self.bodies = bodies
 
 
-def _prepare(event: Event, clock: Clock) -> _Item:
+def _prepare(event: Event, time_ms: int) -> _Item:
     if not isinstance(event, Event):
         raise RecordFailed(f"not an Event: {type(event).__name__}")
     if not isinstance(event.type, str) or not event.type:
@@ -232,7 +251,6 @@ def _prepare(event: Event, clock: Clock) -> _Item:
         digest = _sha256(clean).digest()
         refs[redact_text(name)] = digest.hex()
         body_rows.append((digest, clean))
-    time_ms = _now_ms(clock)
     head: dict[str, Any] = {"data": data}
     if actor is not None:
         head["actor"] = actor
@@ -263,39 +281,56 @@ def _entry_bytes(item: _Item, index: int) -> bytes:
 
 
 class _Batch:
-    """Everything queued while the previous commit ran; acknowledged (or failed) together."""
+    """Events queued while the previous commit ran; made durable and acknowledged together.
 
-    __slots__ = ("done", "error", "futures", "items", "receipts")
+    ``results[pos]`` is the receipt of the event at ``pos``, or the RecordFailed it got: an
+    event the writer cannot turn into an entry fails alone, a failed commit fails them all.
+    """
+
+    __slots__ = ("futures", "items", "locks", "results", "settled")
 
     def __init__(self) -> None:
-        self.items: list[_Item] = []
-        self.done = threading.Event()
-        self.futures: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], int]]
-        ] = {}
-        self.receipts: list[Receipt] = []
-        self.error: RecordFailed | None = None
+        self.items: list[tuple[Event, int]] = []  # (event, time_ms when it was recorded)
+        # One held lock per waiting thread, released on settle: the cheapest wake-up CPython
+        # has (an Event makes every woken thread queue again on the Event's own lock).
+        self.locks: list[threading.Lock] = []
+        self.futures: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], int]]]
+        self.futures = {}
+        self.results: list[Receipt | RecordFailed] = []
+        self.settled = False
+
+    def fail(self, error: RecordFailed) -> None:
+        self.results = [error] * len(self.items)
+        self.settle()
 
     def settle(self) -> None:
-        self.done.set()
+        self.settled = True
+        for lock in self.locks:
+            lock.release()
         for loop, futs in self.futures.items():
             # A closed loop has nobody waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle_futures, futs, self.receipts, self.error)
+                loop.call_soon_threadsafe(_settle_futures, futs, self.results)
 
 
 def _settle_futures(
-    futs: list[tuple[asyncio.Future[Receipt], int]],
-    receipts: list[Receipt],
-    error: RecordFailed | None,
+    futs: list[tuple[asyncio.Future[Receipt], int]], results: list[Receipt | RecordFailed]
 ) -> None:
     for fut, pos in futs:
-        if fut.done():
+        if fut.done():  # the caller was cancelled
             continue
-        if error is not None:
-            fut.set_exception(RecordFailed(error.message))
+        r = results[pos]
+        if isinstance(r, RecordFailed):
+            fut.set_exception(RecordFailed(r.message))
         else:
-            fut.set_result(receipts[pos])
+            fut.set_result(r)
+
+
+def _outcome(batch: _Batch, pos: int) -> Receipt:
+    r = batch.results[pos]
+    if isinstance(r, RecordFailed):
+        raise RecordFailed(r.message) from r
+    return r
 
 
 # -- verification report -------------------------------------------------------------------------
@@ -357,6 +392,7 @@ class AuditLog:
         # writer state (owned by the writer thread once started)
         self._cond = threading.Condition(threading.Lock())
         self._pending = _Batch()
+        self._expect = 0  # events the last batch had: how many to linger for
         self._started = False
         self._closing = False
         self._closed = False
@@ -394,6 +430,7 @@ class AuditLog:
         self._readers_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())
         self._pending = _Batch()
+        self._expect = 0
         self._started = True
         self._closing = False
         self._closed = False
@@ -691,8 +728,15 @@ class AuditLog:
     # -- recording -----------------------------------------------------------------------------
 
     def _enqueue(
-        self, item: _Item, fut: tuple[asyncio.AbstractEventLoop, asyncio.Future[Receipt]] | None
+        self,
+        event: Event,
+        fut: tuple[asyncio.AbstractEventLoop, asyncio.Future[Receipt]] | None,
+        lock: threading.Lock | None = None,
     ) -> tuple[_Batch, int]:
+        # Callers only queue: redaction and canonicalisation run on the writer thread, so a
+        # crowd of recording threads competes for the GIL in short slices and the writer
+        # (which must hold it to build each batch) is not starved. Measured in bench_audit.
+        time_ms = _now_ms(self._clock)
         with self._cond:
             if self._readonly:
                 raise RecordFailed("this audit log is open read-only")
@@ -700,27 +744,29 @@ class AuditLog:
                 raise RecordFailed("the audit log is not running")
             batch = self._pending
             pos = len(batch.items)
-            batch.items.append(item)
+            batch.items.append((event, time_ms))
             if fut is not None:
                 batch.futures.setdefault(fut[0], []).append((fut[1], pos))
-            if pos == 0:
+            if lock is not None:
+                batch.locks.append(lock)
+            if pos == 0 or pos + 1 == self._expect:
                 self._cond.notify()
         return batch, pos
 
     def record(self, event: Event) -> Receipt:
         """Append ``event``; return once it is durable. Raises RecordFailed otherwise."""
-        batch, pos = self._enqueue(_prepare(event, self._clock), None)
-        batch.done.wait()
-        if batch.error is not None:
-            raise RecordFailed(batch.error.message) from batch.error.__cause__
-        return batch.receipts[pos]
+        lock = threading.Lock()
+        lock.acquire()
+        batch, pos = self._enqueue(event, None, lock)
+        lock.acquire()  # released by the writer once the batch is durable (or failed)
+        return _outcome(batch, pos)
 
     async def arecord(self, event: Event) -> Receipt:
         """The same for async callers: waits on a future the writer resolves, never blocking
         the loop on disk."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Receipt] = loop.create_future()
-        self._enqueue(_prepare(event, self._clock), (loop, fut))
+        self._enqueue(event, (loop, fut))
         return await fut
 
     # -- the writer thread ------------------------------------------------------------------------
@@ -734,10 +780,8 @@ class AuditLog:
                 self._closing = True
                 pending, self._pending = self._pending, _Batch()
             for batch in (self._inflight, pending):
-                if batch is not None and not batch.done.is_set():
-                    batch.error = RecordFailed(f"the audit writer stopped: {type(e).__name__}")
-                    batch.receipts = []
-                    batch.settle()
+                if batch is not None and not batch.settled:
+                    batch.fail(RecordFailed(f"the audit writer stopped: {type(e).__name__}"))
 
     def _loop(self) -> None:
         while True:
@@ -747,9 +791,11 @@ class AuditLog:
                     if timeout is not None and timeout <= 0:
                         break
                     self._cond.wait(timeout)
+                self._linger()
                 batch = self._pending
                 if batch.items:
                     self._pending = _Batch()
+                    self._expect = len(batch.items)
                 closing = self._closing
             if batch.items:
                 self._inflight = batch
@@ -766,6 +812,22 @@ class AuditLog:
             if wait is not None and wait <= 0:
                 self._write_checkpoint()
 
+    def _linger(self) -> None:
+        """Group commit: give the callers just acknowledged a moment to queue their next event.
+
+        Without it the writer takes a near-empty batch and then fights those callers for the
+        GIL at every SQLite call. It waits at most :data:`LINGER` seconds, and only for as many
+        events as the last batch had (the lock is held; ``wait`` releases it).
+        """
+        if self._expect <= 1 or self._closing:
+            return
+        deadline = time.monotonic() + LINGER
+        while len(self._pending.items) < self._expect and not self._closing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._cond.wait(remaining)
+
     def _checkpoint_wait(self) -> float | None:
         if self._head[0] == self._cp_size:
             return None
@@ -776,29 +838,40 @@ class AuditLog:
         assert conn is not None
         tree = self._tree
         size0, frontier0 = tree.size, tree.frontier
-        entries: list[tuple[Any, ...]] = []
-        nodes: list[tuple[int, bytes]] = []
+        datas: list[bytes] = []
+        rows: list[list[Any]] = []
+        hashes: list[bytes] = []
         bodies: list[tuple[bytes, bytes]] = []
-        receipts = batch.receipts
+        results = batch.results
         append = tree.append
-        for item in batch.items:
+        offset = 1  # SQL substr() counts from 1
+        for event, time_ms in batch.items:
+            try:
+                item = _prepare(event, time_ms)
+            except RecordFailed as e:
+                results.append(e)
+                continue
+            except Exception as e:  # a hostile Mapping or str subclass: refuse this one event
+                results.append(RecordFailed(f"event cannot be recorded: {type(e).__name__}"))
+                continue
             i = tree.size
             data = _entry_bytes(item, i)
             leaf = _sha256(b"\x00" + data).digest()
-            base = 2 * i - i.bit_count()
-            for k, (_, h) in enumerate(append(leaf)):
-                nodes.append((base + k, h))
-            entries.append((i, data, *item.row))
+            # Node ids are completion order, so this batch's nodes are one consecutive run.
+            hashes += [h for _, h in append(leaf)]
+            datas.append(data)
+            rows.append([i, offset, len(data), *item.row])
+            offset += len(data)
             if item.bodies:
                 bodies.extend(item.bodies)
-            receipts.append(Receipt(index=i, leaf_hash=leaf))
+            results.append(Receipt(index=i, leaf_hash=leaf))
+        if not rows:
+            batch.settle()
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT_ENTRY, entries)
-                conn.executemany(_INSERT_NODE, nodes)
-                if bodies:
-                    conn.executemany(_INSERT_BODY, bodies)
+                self._insert(conn, size0, datas, rows, hashes, bodies)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -807,16 +880,45 @@ class AuditLog:
         except Exception as e:
             self._tree = TreeBuilder(size0, frontier0)
             self._reload_after_failure()
-            log.error("audit commit of %d entries failed: %s", len(entries), e)
+            log.error("audit commit of %d entries failed: %s", len(rows), e)
             err = RecordFailed(f"the audit log could not make the event durable: {e}")
             err.__cause__ = e
-            batch.error = err
-            batch.receipts = []
+            batch.results = [r if isinstance(r, RecordFailed) else err for r in results]
         else:
             if self._head[0] == self._cp_size:
                 self._cp_due = time.monotonic() + self._interval
             self._head = (tree.size, tree.root())
         batch.settle()
+
+    @staticmethod
+    def _insert(
+        conn: sqlite3.Connection,
+        size0: int,
+        datas: list[bytes],
+        rows: list[list[Any]],
+        hashes: list[bytes],
+        bodies: list[tuple[bytes, bytes]],
+    ) -> None:
+        first_node = _node_count(size0)
+        if not _BATCHED:
+            conn.executemany(
+                _INSERT_ENTRY, [(r[0], d, *r[3:]) for r, d in zip(rows, datas, strict=True)]
+            )
+            conn.executemany(_INSERT_NODE, [(first_node + k, h) for k, h in enumerate(hashes)])
+            if bodies:
+                conn.executemany(_INSERT_BODY, bodies)
+            return
+        conn.execute(_BATCH_ENTRIES, (b"".join(datas), orjson.dumps(rows)))
+        conn.execute(_BATCH_NODES, (first_node, b"".join(hashes), len(hashes)))
+        if bodies:
+            index: list[tuple[int, int, int]] = []
+            parts: list[bytes] = []
+            pos = 1
+            for key, content in bodies:
+                index.append((pos, pos + 32, len(content)))
+                parts += (key, content)
+                pos += 32 + len(content)
+            conn.execute(_BATCH_BODIES, (b"".join(parts), orjson.dumps(index)))
 
     def _reload_after_failure(self) -> None:
         """The commit may have failed after reaching the disk; trust only what is stored."""

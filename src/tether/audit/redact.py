@@ -129,7 +129,7 @@ class _Rule:
 
 _RULES = (
     # JWS (3 segments) and JWE (5); the header is base64url JSON, so it starts "eyJ".
-    _Rule(rf"eyJ{_B64U}{{6,}}(?:\.{_B64U}*){{2,4}}", ("eyj",), jwt=True),
+    _Rule(rf"eyJ{_B64U}{{6,}}\.{_B64U}*\.{_B64U}*(?:\.{_B64U}*\.{_B64U}+)?", ("eyj",), jwt=True),
     _Rule(
         r"-----begin [a-z ]*private key-----.*?-----end [a-z ]*private key-----",
         ("private key",),
@@ -148,13 +148,18 @@ _RULES = (
         keep_prefix=True,
     ),
     _Rule(
-        rf'((?:{_KEY_TEXT})\\?"\s*:\s*)\\?"(?:[^"\\]|\\.)*"',
+        rf'((?:{_KEY_TEXT})\\?"\s*:\s*)\\?"(?!\[redacted)(?:[^"\\]|\\.)*"',
         _KEY_ANCHORS,
         folded=True,
         keep_prefix=True,
         quoted=True,
     ),
-    _Rule(rf"((?:{_KEY_TEXT})=)[^&\s\"']+", _KEY_ANCHORS, folded=True, keep_prefix=True),
+    _Rule(
+        rf"((?:{_KEY_TEXT})=)(?!\[redacted)[^&\s\"']+",
+        _KEY_ANCHORS,
+        folded=True,
+        keep_prefix=True,
+    ),
     _Rule(
         r"\b(?:sk-[A-Za-z0-9_-]{16,}|tether_[a-z]{2}_[A-Za-z0-9_-]{16,}"
         r"|gh[pousr]_[A-Za-z0-9]{30,}|AKIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{35}"
