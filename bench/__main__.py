@@ -1,7 +1,7 @@
 """Runs every benchmark module (``bench/bench_*.py``, each with ``run() -> list[Result]``).
 
-    python -m bench              all of them
-    python -m bench identity     only the modules whose name contains "identity"
+python -m bench              all of them
+python -m bench identity     only the modules whose name contains "identity"
 """
 
 from __future__ import annotations

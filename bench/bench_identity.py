@@ -30,8 +30,14 @@ def _issue_rate(authority: Authority, grantor_token: str, services: Services) ->
 
     def worker(i: int) -> None:
         for j in range(PER_THREAD):
-            authority.delegate(grantor, f"agent-{i}-{j % 8}", ["model:gpt-4o*", "tool:search.*"],
-                               ttl=600, objective="bench objective", task=f"bench-{i}")
+            authority.delegate(
+                grantor,
+                f"agent-{i}-{j % 8}",
+                ["model:gpt-4o*", "tool:search.*"],
+                ttl=600,
+                objective="bench objective",
+                task=f"bench-{i}",
+            )
 
     rates = []
     for _ in range(3):
@@ -75,16 +81,30 @@ def run() -> list[Result]:
             credential = res.admin_credential_path.read_text().strip()
             admin_token = services.authority.login(credential).token
             durable = _issue_rate(services.authority, admin_token, services)
-            memory = Authority(services.config, services.keys, services.store, MemoryRecorder(),
-                               RevocationList())
+            memory = Authority(
+                services.config, services.keys, services.store, MemoryRecorder(), RevocationList()
+            )
             in_memory = _issue_rate(memory, admin_token, services)
             propagation = _propagation(home, services, admin_token)
         finally:
             services.close()
     return [
-        Result("identity", f"delegated JWT-SVIDs issued/s, durable audit ({THREADS} threads)",
-               durable, "/s", ">= 5,000", f"in-memory recorder: {in_memory:,.0f}/s",
-               durable >= 5000),
-        Result("identity", "revocation reaches another process (median)", propagation * 1000,
-               "ms", "<= 1,000 ms", "poll interval 250 ms", propagation <= 1.0),
+        Result(
+            "identity",
+            f"delegated JWT-SVIDs issued/s, durable audit ({THREADS} threads)",
+            durable,
+            "/s",
+            ">= 5,000",
+            f"in-memory recorder: {in_memory:,.0f}/s",
+            durable >= 5000,
+        ),
+        Result(
+            "identity",
+            "revocation reaches another process (median)",
+            propagation * 1000,
+            "ms",
+            "<= 1,000 ms",
+            "poll interval 250 ms",
+            propagation <= 1.0,
+        ),
     ]

@@ -62,8 +62,9 @@ def main() -> None:
 
     say("2. Start the server (authority + API + audit log), on TCP and a unix socket")
     log = (DEMO / "server.log").open("w")
-    server = subprocess.Popen([*TETHER, "serve", "--listen", "127.0.0.1:0"], env=ENV,
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [*TETHER, "serve", "--listen", "127.0.0.1:0"], env=ENV, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         wait_ready(server)
         print("server ready")
@@ -72,22 +73,57 @@ def main() -> None:
         tether("whoami")
 
         say("4. Delegate to an agent: narrow grants, a budget, a TTL and an attested objective")
-        tether("delegate", "--agent", "planner", "--grant", "model:gpt-4o*",
-               "--grant", "tool:search.*", "--grant", "budget:tokens=20000", "--ttl", "20m",
-               "--objective", "Produce the weekly churn-risk report from the customers DB",
-               "--task", "churn-report-42", "--out", str(DEMO / "planner.jwt"))
+        tether(
+            "delegate",
+            "--agent",
+            "planner",
+            "--grant",
+            "model:gpt-4o*",
+            "--grant",
+            "tool:search.*",
+            "--grant",
+            "budget:tokens=20000",
+            "--ttl",
+            "20m",
+            "--objective",
+            "Produce the weekly churn-risk report from the customers DB",
+            "--task",
+            "churn-report-42",
+            "--out",
+            str(DEMO / "planner.jwt"),
+        )
 
         say("5. The agent delegates onward to a sub-agent, narrowing again (hop 2)")
-        tether("delegate", "--agent", "researcher", "--from-token", str(DEMO / "planner.jwt"),
-               "--grant", "model:gpt-4o-mini", "--grant", "tool:search.web", "--ttl", "10m",
-               "--out", str(DEMO / "researcher.jwt"))
+        tether(
+            "delegate",
+            "--agent",
+            "researcher",
+            "--from-token",
+            str(DEMO / "planner.jwt"),
+            "--grant",
+            "model:gpt-4o-mini",
+            "--grant",
+            "tool:search.web",
+            "--ttl",
+            "10m",
+            "--out",
+            str(DEMO / "researcher.jwt"),
+        )
 
         say("6. The sub-agent's identity carries its whole chain back to the human")
         tether("whoami", "--token", str(DEMO / "researcher.jwt"))
 
         say("7. A sub-agent cannot widen what it was given: refused, with the reason")
-        tether("delegate", "--agent", "rogue", "--from-token", str(DEMO / "researcher.jwt"),
-               "--grant", "model:*", expect_fail=True)
+        tether(
+            "delegate",
+            "--agent",
+            "rogue",
+            "--from-token",
+            str(DEMO / "researcher.jwt"),
+            "--grant",
+            "model:*",
+            expect_fail=True,
+        )
 
         say("8. Revoke the planner's token: everything delegated from it dies with it")
         tether("revoke", "--token", str(DEMO / "planner.jwt"), "--reason", "demo incident")
@@ -104,9 +140,18 @@ def main() -> None:
 
         say("11. An auditor checks the export with no Tether code (stdlib + cryptography)")
         vkey = (HOME / "keys" / "audit-note.vkey").read_text().strip()
-        cmd = [sys.executable, str(ROOT / "tools" / "verify_log.py"), "--log",
-               str(DEMO / "export.jsonl"), "--checkpoint", str(DEMO / "checkpoint.txt"), "--key", vkey]
-        print(f"{DIM}$ python tools/verify_log.py --log export.jsonl --checkpoint checkpoint.txt --key '{vkey}'{RESET}")
+        cmd = [
+            sys.executable,
+            str(ROOT / "tools" / "verify_log.py"),
+            "--log",
+            str(DEMO / "export.jsonl"),
+            "--checkpoint",
+            str(DEMO / "checkpoint.txt"),
+            "--key",
+            vkey,
+        ]
+        shown = "--log export.jsonl --checkpoint checkpoint.txt"
+        print(f"{DIM}$ python tools/verify_log.py {shown} --key '{vkey}'{RESET}")
         if subprocess.run(cmd).returncode != 0:
             raise SystemExit("standalone verification failed")
     finally:

@@ -32,8 +32,9 @@ def server(tmp_path: Path) -> Iterator[Path]:
     run(home, "init", "--trust-domain", "example.org")
     log = (tmp_path / "server.log").open("w")
     env = {**os.environ, "TETHER_HOME": str(home)}
-    proc = subprocess.Popen([*TETHER, "serve", "--listen", "127.0.0.1:0"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [*TETHER, "serve", "--listen", "127.0.0.1:0"], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     sock = home / "tether.sock"
     deadline = time.monotonic() + 30
     while True:
@@ -63,7 +64,9 @@ def test_init_twice_never_overwrites_keys(tmp_path: Path) -> None:
     cred = (home / "credentials" / "admin").read_bytes()
     second = run(home, "init", "--trust-domain", "example.org")
     assert "already initialised" in second.stdout
-    assert keys == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (home / "keys").iterdir()}
+    assert keys == {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (home / "keys").iterdir()
+    }
     assert (home / "credentials" / "admin").read_bytes() == cred
     for p in (home / "keys").glob("*.pem"):
         assert p.stat().st_mode & 0o777 == 0o600
@@ -84,16 +87,42 @@ def test_delegation_story(server: Path, tmp_path: Path) -> None:
     assert "spiffe://example.org/user/admin" in me.stdout
 
     planner = tmp_path / "planner.json"
-    out = run(server, "delegate", "--agent", "planner", "--grant", "model:gpt-4o*",
-              "--grant", "tool:search.*", "--ttl", "20m", "--objective", "Write the churn report",
-              "--task", "churn-42", "--json")
+    out = run(
+        server,
+        "delegate",
+        "--agent",
+        "planner",
+        "--grant",
+        "model:gpt-4o*",
+        "--grant",
+        "tool:search.*",
+        "--ttl",
+        "20m",
+        "--objective",
+        "Write the churn report",
+        "--task",
+        "churn-42",
+        "--json",
+    )
     doc = json.loads(out.stdout)
     assert {"token", "spiffe_id", "expires_at"} <= doc.keys()
     planner.write_text(out.stdout)
 
     worker = tmp_path / "worker.jwt"
-    run(server, "delegate", "--agent", "worker", "--grant", "model:gpt-4o-mini", "--ttl", "5m",
-        "--from-token", str(planner), "--out", str(worker))
+    run(
+        server,
+        "delegate",
+        "--agent",
+        "worker",
+        "--grant",
+        "model:gpt-4o-mini",
+        "--ttl",
+        "5m",
+        "--from-token",
+        str(planner),
+        "--out",
+        str(worker),
+    )
     assert worker.stat().st_mode & 0o777 == 0o600
 
     chain = run(server, "whoami", "--token", str(worker))
@@ -101,8 +130,17 @@ def test_delegation_story(server: Path, tmp_path: Path) -> None:
     assert text.index("user/admin") < text.index("agent/planner") < text.index("agent/worker")
     assert "churn-42" in text
 
-    wider = run(server, "delegate", "--agent", "worker2", "--grant", "model:*",
-                "--from-token", str(planner), ok=False)
+    wider = run(
+        server,
+        "delegate",
+        "--agent",
+        "worker2",
+        "--grant",
+        "model:*",
+        "--from-token",
+        str(planner),
+        ok=False,
+    )
     assert wider.returncode == 1 and "model:* is wider" in wider.stderr
 
     listed = run(server, "identities", "ls", "--json")
@@ -121,5 +159,7 @@ def test_x509_svid(server: Path, tmp_path: Path) -> None:
     run(server, "svid", "x509", "--out", str(tmp_path / "svid"))
     certs = x509.load_pem_x509_certificates((tmp_path / "svid" / "svid.pem").read_bytes())
     san = certs[0].extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.UniformResourceIdentifier) == ["spiffe://example.org/user/admin"]
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://example.org/user/admin"
+    ]
     assert (tmp_path / "svid" / "svid.key").stat().st_mode & 0o777 == 0o600

@@ -12,9 +12,9 @@ from tether.errors import (
     RecordFailed,
     TokenRevoked,
 )
+from tether.events import MemoryRecorder
 from tether.identity.authority import Authority, objective_digest
 from tether.identity.revocation import RevocationList
-from tether.events import MemoryRecorder
 from tether.server.services import Services
 
 
@@ -22,15 +22,22 @@ def test_two_hop_delegation_narrows_and_nests_chain(services: Services, admin_to
     v = services.verifier
     admin = v.verify(admin_token)
     planner = services.authority.delegate(
-        admin, "planner", ["model:gpt-4o*", "tool:search.*", "budget:tokens=5000"],
-        ttl=600, objective="Write the churn report", task="churn-42",
+        admin,
+        "planner",
+        ["model:gpt-4o*", "tool:search.*", "budget:tokens=5000"],
+        ttl=600,
+        objective="Write the churn report",
+        task="churn-42",
     )
     p = v.verify(planner.token)
-    worker = services.authority.delegate(p, "worker", ["model:gpt-4o-mini", "tool:search.web"], ttl=300)
+    worker = services.authority.delegate(
+        p, "worker", ["model:gpt-4o-mini", "tool:search.web"], ttl=300
+    )
     w = v.verify(worker.token)
     assert str(w.subject) == "spiffe://example.org/agent/worker"
     assert [str(g) for g in w.grantors] == [
-        "spiffe://example.org/user/admin", "spiffe://example.org/agent/planner"
+        "spiffe://example.org/user/admin",
+        "spiffe://example.org/agent/planner",
     ]
     assert w.chain_jti == (admin.token_id, p.token_id)
     assert w.task == "churn-42"  # inherited from the grantor
@@ -74,7 +81,9 @@ def test_bad_login_is_refused(services: Services) -> None:
 def test_revocation_bites_at_once_for_subtree(services: Services, admin_token: str) -> None:
     admin = services.verifier.verify(admin_token)
     p = services.authority.delegate(admin, "planner", ["model:*"], ttl=600)
-    w = services.authority.delegate(services.verifier.verify(p.token), "worker", ["model:*"], ttl=300)
+    w = services.authority.delegate(
+        services.verifier.verify(p.token), "worker", ["model:*"], ttl=300
+    )
     services.verifier.verify(w.token)  # cached now
     services.authority.revoke(admin, "token", p.claims.token_id, "incident 7")
     with pytest.raises(TokenRevoked, match="grantor token"):
@@ -85,7 +94,9 @@ def test_revocation_bites_at_once_for_subtree(services: Services, admin_token: s
     services.verifier.verify(services.authority.delegate(admin, "planner", ["model:*"]).token)
 
 
-def test_agents_cannot_revoke_what_they_did_not_delegate(services: Services, admin_token: str) -> None:
+def test_agents_cannot_revoke_what_they_did_not_delegate(
+    services: Services, admin_token: str
+) -> None:
     admin = services.verifier.verify(admin_token)
     a = services.verifier.verify(services.authority.delegate(admin, "a", ["model:*"]).token)
     services.authority.delegate(admin, "b", ["model:*"])

@@ -48,8 +48,19 @@ def test_budget_inherits_and_cannot_grow() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    ["model", "weapon:*", "model:", "model:a b", "model:[abc]", "model:?", "budget:tokens=-1",
-     "budget:usd=NaN", "budget:cows=3", "budget:tokens=x", 42],
+    [
+        "model",
+        "weapon:*",
+        "model:",
+        "model:a b",
+        "model:[abc]",
+        "model:?",
+        "budget:tokens=-1",
+        "budget:usd=NaN",
+        "budget:cows=3",
+        "budget:tokens=x",
+        42,
+    ],
 )
 def test_bad_grants_are_refused_clearly(bad: object) -> None:
     with pytest.raises(BadRequest):
@@ -67,8 +78,13 @@ def test_spiffe_ids_validate() -> None:
     sid = SpiffeId.parse("spiffe://example.org/agent/planner")
     assert (sid.trust_domain, sid.kind, sid.name) == ("example.org", "agent", "planner")
     assert str(sid) == "spiffe://example.org/agent/planner"
-    for bad in ["https://example.org/agent/x", "spiffe://example.org/robot/x",
-                "spiffe://Example.org/agent/x", "spiffe://example.org/agent/a/b",
-                "spiffe://example.org/agent/..", "spiffe://example.org/agent/"]:
+    for bad in [
+        "https://example.org/agent/x",
+        "spiffe://example.org/robot/x",
+        "spiffe://Example.org/agent/x",
+        "spiffe://example.org/agent/a/b",
+        "spiffe://example.org/agent/..",
+        "spiffe://example.org/agent/",
+    ]:
         with pytest.raises(BadRequest):
             SpiffeId.parse(bad)

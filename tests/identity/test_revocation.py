@@ -8,10 +8,17 @@ TD = "example.org"
 
 def claims(sub: str, chain: list[str], jtis: list[str], jti: str, at_ms: int) -> TokenClaims:
     return TokenClaims(
-        issuer=f"spiffe://{TD}", subject=SpiffeId.parse(sub), audience=("tether",),
-        issued_at=at_ms // 1000, not_before=at_ms // 1000, expires_at=at_ms // 1000 + 60,
-        token_id=jti, grantors=tuple(SpiffeId.parse(c) for c in chain), chain_jti=tuple(jtis),
-        grants=Grants.parse(["model:*"]), issued_at_ms=at_ms,
+        issuer=f"spiffe://{TD}",
+        subject=SpiffeId.parse(sub),
+        audience=("tether",),
+        issued_at=at_ms // 1000,
+        not_before=at_ms // 1000,
+        expires_at=at_ms // 1000 + 60,
+        token_id=jti,
+        grantors=tuple(SpiffeId.parse(c) for c in chain),
+        chain_jti=tuple(jtis),
+        grants=Grants.parse(["model:*"]),
+        issued_at_ms=at_ms,
     )
 
 

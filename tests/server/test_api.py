@@ -22,14 +22,23 @@ def _fill(obj: Any, token: str) -> Any:
     return obj
 
 
-async def delegate(api: httpx.AsyncClient, grantor: str, agent: str, **extra: Any) -> httpx.Response:
-    data = {"grant_type": TOKEN_EXCHANGE, "subject_token": grantor, "subject_token_type": JWT,
-            "agent": agent, **extra}
+async def delegate(
+    api: httpx.AsyncClient, grantor: str, agent: str, **extra: Any
+) -> httpx.Response:
+    data = {
+        "grant_type": TOKEN_EXCHANGE,
+        "subject_token": grantor,
+        "subject_token_type": JWT,
+        "agent": agent,
+        **extra,
+    }
     return await api.post("/v1/token", data=data)
 
 
 @pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
-async def test_bad_input_gets_clear_error(api: httpx.AsyncClient, admin_token: str, name: str) -> None:
+async def test_bad_input_gets_clear_error(
+    api: httpx.AsyncClient, admin_token: str, name: str
+) -> None:
     method, path, kwargs, status, code = BAD_REQUESTS[name]
     resp = await api.request(method, path, **_fill(kwargs, admin_token))
     assert resp.status_code == status, resp.text
@@ -41,24 +50,40 @@ async def test_bad_input_gets_clear_error(api: httpx.AsyncClient, admin_token: s
 
 
 async def test_login_and_two_hop_delegation(api: httpx.AsyncClient, admin_credential: str) -> None:
-    resp = await api.post("/v1/token", data={
-        "grant_type": TOKEN_EXCHANGE, "subject_token": admin_credential,
-        "subject_token_type": "urn:tether:params:oauth:token-type:user-credential"})
+    resp = await api.post(
+        "/v1/token",
+        data={
+            "grant_type": TOKEN_EXCHANGE,
+            "subject_token": admin_credential,
+            "subject_token_type": "urn:tether:params:oauth:token-type:user-credential",
+        },
+    )
     assert resp.status_code == 200
     user = resp.json()
     assert user["issued_token_type"] == JWT and user["spiffe_id"].endswith("/user/admin")
     assert resp.headers["cache-control"] == "no-store"
 
-    r1 = await delegate(api, user["token"], "planner", scope="model:gpt-4o* tool:search.*",
-                        ttl="20m", objective="Summarise incidents", task="t-1")
+    r1 = await delegate(
+        api,
+        user["token"],
+        "planner",
+        scope="model:gpt-4o* tool:search.*",
+        ttl="20m",
+        objective="Summarise incidents",
+        task="t-1",
+    )
     assert r1.status_code == 200, r1.text
     planner = r1.json()
     assert {"token", "spiffe_id", "expires_at"} <= planner.keys()
     r2 = await delegate(api, planner["token"], "worker", grant=["model:gpt-4o-mini"], ttl="5m")
     assert r2.status_code == 200, r2.text
-    who = (await api.get("/v1/whoami", headers={"authorization": f"Bearer {r2.json()['token']}"})).json()
+    who = (
+        await api.get("/v1/whoami", headers={"authorization": f"Bearer {r2.json()['token']}"})
+    ).json()
     assert [c["spiffe_id"] for c in who["chain"]] == [
-        "spiffe://example.org/user/admin", "spiffe://example.org/agent/planner"]
+        "spiffe://example.org/user/admin",
+        "spiffe://example.org/agent/planner",
+    ]
     assert who["task"] == "t-1"
 
 
@@ -66,14 +91,24 @@ async def test_login_and_two_hop_delegation(api: httpx.AsyncClient, admin_creden
     ("name", "extra", "match"),
     [
         ("bogus_widened_grants", {"grant": ["model:*"]}, "model:* is wider"),
-        ("bogus_extended_expiry", {"grant": ["model:gpt-4o"], "ttl": "2h"}, "later than the grantor"),
-        ("bogus_budget_raise", {"grant": ["model:gpt-4o", "budget:tokens=999999"]}, "budget:tokens"),
+        (
+            "bogus_extended_expiry",
+            {"grant": ["model:gpt-4o"], "ttl": "2h"},
+            "later than the grantor",
+        ),
+        (
+            "bogus_budget_raise",
+            {"grant": ["model:gpt-4o", "budget:tokens=999999"]},
+            "budget:tokens",
+        ),
     ],
 )
 async def test_widening_is_refused_with_reason(
     api: httpx.AsyncClient, admin_token: str, name: str, extra: dict[str, Any], match: str
 ) -> None:
-    r = await delegate(api, admin_token, "planner", grant=["model:gpt-4o", "budget:tokens=100"], ttl="30m")
+    r = await delegate(
+        api, admin_token, "planner", grant=["model:gpt-4o", "budget:tokens=100"], ttl="30m"
+    )
     planner = r.json()["token"]
     resp = await delegate(api, planner, "worker", **extra)
     assert resp.status_code == 400
@@ -81,7 +116,9 @@ async def test_widening_is_refused_with_reason(
     assert match in resp.json()["error_description"]
 
 
-async def test_over_deep_chain_refused(api: httpx.AsyncClient, services: Services, admin_token: str) -> None:
+async def test_over_deep_chain_refused(
+    api: httpx.AsyncClient, services: Services, admin_token: str
+) -> None:
     token = admin_token
     for i in range(services.config.max_chain_depth):
         token = (await delegate(api, token, f"hop{i}", grant=["model:*"])).json()["token"]
@@ -93,8 +130,11 @@ async def test_revoked_token_replayed_is_refused(api: httpx.AsyncClient, admin_t
     agent = (await delegate(api, admin_token, "courier", grant=["model:*"])).json()
     hdr = {"authorization": f"Bearer {agent['token']}"}
     assert (await api.get("/v1/whoami", headers=hdr)).status_code == 200
-    resp = await api.post("/v1/revoke", json={"kind": "agent", "value": agent["spiffe_id"], "reason": "test"},
-                          headers={"authorization": f"Bearer {admin_token}"})
+    resp = await api.post(
+        "/v1/revoke",
+        json={"kind": "agent", "value": agent["spiffe_id"], "reason": "test"},
+        headers={"authorization": f"Bearer {admin_token}"},
+    )
     assert resp.status_code == 200
     replay = await api.get("/v1/whoami", headers=hdr)
     assert replay.status_code == 401 and replay.json()["error"] == "token_revoked"
@@ -118,7 +158,9 @@ async def test_openapi_and_health(api: httpx.AsyncClient) -> None:
     assert ready["status"] == "ready" and ready["audit_size"] >= 1
 
 
-async def test_no_token_in_audit_log(api: httpx.AsyncClient, services: Services, admin_token: str) -> None:
+async def test_no_token_in_audit_log(
+    api: httpx.AsyncClient, services: Services, admin_token: str
+) -> None:
     agent = (await delegate(api, admin_token, "quiet", grant=["model:*"], objective="o")).json()
     await api.get("/v1/whoami", headers={"authorization": f"Bearer {agent['token']}"})
     dumped = json.dumps(services.audit.search(limit=1000))

@@ -23,7 +23,7 @@ from tether.identity.jws import decode_unverified
 
 __all__ = ["ApiClient", "ApiError"]
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
+TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN, not a secret
 USER_CREDENTIAL = "urn:tether:params:oauth:token-type:user-credential"
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 
@@ -94,7 +94,9 @@ class ApiClient:
             doc = None
         if resp.status_code >= 400:
             if isinstance(doc, dict) and "error" in doc:
-                raise ApiError(resp.status_code, str(doc["error"]), str(doc.get("error_description", "")))
+                raise ApiError(
+                    resp.status_code, str(doc["error"]), str(doc.get("error_description", ""))
+                )
             raise ApiError(resp.status_code, "http_error", resp.text[:200])
         return doc
 
@@ -112,7 +114,9 @@ class ApiClient:
                 return token
         except (OSError, TetherError, ValueError):
             pass
-        cred_file = Path(os.environ.get("TETHER_CREDENTIAL_FILE") or self.data_dir.credentials / user)
+        cred_file = Path(
+            os.environ.get("TETHER_CREDENTIAL_FILE") or self.data_dir.credentials / user
+        )
         try:
             credential = cred_file.read_text().strip()
         except OSError as e:

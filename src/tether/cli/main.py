@@ -128,13 +128,19 @@ def delegate(
     grant: Annotated[
         list[str] | None, typer.Option("--grant", help="KIND:PATTERN, repeatable (model:gpt-4o*).")
     ] = None,
-    ttl: Annotated[str | None, typer.Option(help="Lifetime, e.g. 30m (default from config).")] = None,
+    ttl: Annotated[
+        str | None, typer.Option(help="Lifetime, e.g. 30m (default from config).")
+    ] = None,
     objective: Annotated[str | None, typer.Option(help="What the agent is to do.")] = None,
-    task: Annotated[str | None, typer.Option(help="Task id (default: the grantor's, or new).")] = None,
+    task: Annotated[
+        str | None, typer.Option(help="Task id (default: the grantor's, or new).")
+    ] = None,
     from_token: Annotated[
         str | None, typer.Option("--from-token", help="Delegate from this agent token file.")
     ] = None,
-    out_file: Annotated[Path | None, typer.Option("--out", help="Write the token here (0600).")] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write the token here (0600).")
+    ] = None,
     as_json: JsonOpt = False,
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -202,7 +208,12 @@ def identities_ls(
     """List identities: users and every agent a token was ever delegated to."""
     client = _client(data_dir)
     try:
-        doc = client.request("GET", "/v1/identities", token=client.user_token(), params={"kind": kind} if kind else None)
+        doc = client.request(
+            "GET",
+            "/v1/identities",
+            token=client.user_token(),
+            params={"kind": kind} if kind else None,
+        )
     except TetherError as e:
         fail(e)
     finally:
@@ -218,10 +229,22 @@ def identities_ls(
 
 @app.command()
 def revoke(
-    token_id: Annotated[str | None, typer.Option("--token-id", help="Revoke this token (and all delegated from it).")] = None,
-    token: Annotated[str | None, typer.Option("--token", help="Revoke the token in this file (and all delegated from it).")] = None,
-    agent: Annotated[str | None, typer.Option("--agent", help="Revoke every token of this agent (name or SPIFFE ID).")] = None,
-    subtree: Annotated[str | None, typer.Option("--subtree", help="Revoke everything delegated by this identity (SPIFFE ID).")] = None,
+    token_id: Annotated[
+        str | None,
+        typer.Option("--token-id", help="Revoke this token (and all delegated from it)."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="Revoke the token in this file (and all delegated from it)."),
+    ] = None,
+    agent: Annotated[
+        str | None,
+        typer.Option("--agent", help="Revoke every token of this agent (name or SPIFFE ID)."),
+    ] = None,
+    subtree: Annotated[
+        str | None,
+        typer.Option("--subtree", help="Revoke everything delegated by this identity (SPIFFE ID)."),
+    ] = None,
     reason: Annotated[str, typer.Option(help="Why (recorded).")] = "",
     data_dir: DataDirOpt = None,
 ) -> None:
@@ -241,20 +264,26 @@ def revoke(
             kind, value = "token", token_id
         elif agent:
             kind = "agent"
-            value = agent if agent.startswith("spiffe://") else (
-                f"spiffe://{client.data_dir.load_config().trust_domain}/agent/{agent}"
+            value = (
+                agent
+                if agent.startswith("spiffe://")
+                else (f"spiffe://{client.data_dir.load_config().trust_domain}/agent/{agent}")
             )
         else:
             kind, value = "subtree", str(subtree)
         doc = client.request(
-            "POST", "/v1/revoke", token=client.user_token(),
+            "POST",
+            "/v1/revoke",
+            token=client.user_token(),
             json_body={"kind": kind, "value": value, "reason": reason},
         )
     except TetherError as e:
         fail(e)
     finally:
         client.close()
-    out.print(f"revoked {doc['kind']} [bold]{doc['value']}[/] (effective {_when(doc['at_ms'] / 1000)})")
+    out.print(
+        f"revoked {doc['kind']} [bold]{doc['value']}[/] (effective {_when(doc['at_ms'] / 1000)})"
+    )
 
 
 @app.command()
@@ -271,8 +300,12 @@ def bundle(data_dir: DataDirOpt = None) -> None:
 
 @svid_app.command("x509")
 def svid_x509(
-    token: Annotated[str | None, typer.Option("--token", help="Token file of the identity (default: you).")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for svid.pem, svid.key, bundle.pem.")] = Path("."),
+    token: Annotated[
+        str | None, typer.Option("--token", help="Token file of the identity (default: you).")
+    ] = None,
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory for svid.pem, svid.key, bundle.pem.")
+    ] = Path("."),
     data_dir: DataDirOpt = None,
 ) -> None:
     """Get an X.509-SVID: the key is made here and never leaves this machine."""
@@ -284,9 +317,15 @@ def svid_x509(
     try:
         tok = read_token_file(token) if token else client.user_token()
         key = ec.generate_private_key(ec.SECP256R1())
-        csr = x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+        csr = (
+            x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([]))
+            .sign(key, hashes.SHA256())
+        )
         doc = client.request(
-            "POST", "/v1/svid/x509", token=tok,
+            "POST",
+            "/v1/svid/x509",
+            token=tok,
             json_body={"csr": csr.public_bytes(serialization.Encoding.PEM).decode()},
         )
     except TetherError as e:
@@ -297,9 +336,17 @@ def svid_x509(
     key_path = out_dir / "svid.key"
     fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     (out_dir / "svid.pem").write_text(doc["chain_pem"])
-    out.print(f"X.509-SVID for [bold]{doc['spiffe_id']}[/] until {_when(doc['expires_at'])} in {out_dir}")
+    out.print(
+        f"X.509-SVID for [bold]{doc['spiffe_id']}[/] until {_when(doc['expires_at'])} in {out_dir}"
+    )
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ token leaves the authority (fail closed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import secrets
 from dataclasses import dataclass
@@ -54,7 +55,8 @@ class IssuedToken:
     claims: TokenClaims
 
     def __repr__(self) -> str:
-        return f"IssuedToken(spiffe_id={str(self.claims.subject)!r}, token_id={self.claims.token_id!r})"
+        c = self.claims
+        return f"IssuedToken(spiffe_id={str(c.subject)!r}, token_id={c.token_id!r})"
 
     def response(self) -> dict[str, Any]:
         """The RFC 8693 token response, with Tether's extra fields."""
@@ -102,7 +104,9 @@ class Authority:
 
     # issuing ----------------------------------------------------------------------------
     def _sign(self, claims: TokenClaims) -> IssuedToken:
-        return IssuedToken(sign_es256(claims.to_payload(), self.keys.jwt_key, self.keys.jwt_kid), claims)
+        return IssuedToken(
+            sign_es256(claims.to_payload(), self.keys.jwt_key, self.keys.jwt_kid), claims
+        )
 
     def _record(self, event: Event) -> None:
         try:
@@ -112,9 +116,11 @@ class Authority:
         except Exception as e:  # any recorder failure means no durable record: refuse
             raise RecordFailed(f"audit record failed: {type(e).__name__}") from e
 
-    def _refuse(self, error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]) -> None:
+    def _refuse(
+        self, error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]
+    ) -> None:
         """Record a refusal (best effort: the refusal stands even if the log is down)."""
-        try:
+        with contextlib.suppress(Exception):  # the refusal is raised either way
             self.recorder.record(
                 Event(
                     type="identity.refused",
@@ -125,8 +131,6 @@ class Authority:
                     data={**data, "reason": error.message, "error": error.code},
                 )
             )
-        except Exception:  # noqa: S110 - the refusal is raised either way
-            pass
 
     def login(self, credential: str, ttl: float | None = None) -> IssuedToken:
         """Exchange a local user credential for the user's own JWT-SVID."""
@@ -158,8 +162,13 @@ class Authority:
                 actor=str(subject),
                 subject=str(subject),
                 decision="allow",
-                data={"token_id": claims.token_id, "expires_at": claims.expires_at,
-                      "grants": claims.grants.to_list(), "via": "user-credential", "depth": 0},
+                data={
+                    "token_id": claims.token_id,
+                    "expires_at": claims.expires_at,
+                    "grants": claims.grants.to_list(),
+                    "via": "user-credential",
+                    "depth": 0,
+                },
             )
         )
         self.store.ensure_identity(str(subject), "user", user.name, int(now * 1000), None)
@@ -226,8 +235,8 @@ class Authority:
                 )
             if now + ttl > grantor.expires_at:
                 raise DelegationRefused(
-                    f"expiry would be later than the grantor's (grantor expires in {int(remaining)}s, "
-                    f"asked for {int(ttl)}s)"
+                    "expiry would be later than the grantor's "
+                    f"(grantor expires in {int(remaining)}s, asked for {int(ttl)}s)"
                 )
             lifetime = ttl
         if lifetime <= 0:
@@ -244,7 +253,9 @@ class Authority:
             chain_jti=(*grantor.chain_jti, grantor.token_id),
             grants=granted,
             task=task if task is not None else (grantor.task or f"task-{secrets.token_hex(6)}"),
-            objective_sha256=objective_digest(objective) if objective is not None else grantor.objective_sha256,
+            objective_sha256=objective_digest(objective)
+            if objective is not None
+            else grantor.objective_sha256,
             issued_at_ms=int(now * 1000),
         )
         issued = self._sign(claims)
@@ -271,7 +282,9 @@ class Authority:
         return issued
 
     # revocation -------------------------------------------------------------------------
-    def revoke(self, by: TokenClaims, kind: RevocationKind, value: str, reason: str = "") -> Revocation:
+    def revoke(
+        self, by: TokenClaims, kind: RevocationKind, value: str, reason: str = ""
+    ) -> Revocation:
         """Revoke a token (and all delegated from it), an agent's tokens, or a whole subtree.
 
         Users may revoke anything inside their own delegation tree; an agent only what it
@@ -298,7 +311,11 @@ class Authority:
         return rev
 
     def _may_revoke(self, by: TokenClaims, kind: RevocationKind, value: str) -> bool:
-        if by.subject.kind == "user" and by.subject.name == self.config.admin_user and not by.grantors:
+        if (
+            by.subject.kind == "user"
+            and by.subject.name == self.config.admin_user
+            and not by.grantors
+        ):
             return True
         if kind == "token":
             # Without a token table we cannot know whose token an id is; only the admin, or the
@@ -346,8 +363,11 @@ class Authority:
                 subject=str(holder.subject),
                 session=holder.task,
                 decision="allow",
-                data={"serial": format(cert.serial_number, "x"), "expires_at": not_after,
-                      "token_id": holder.token_id},
+                data={
+                    "serial": format(cert.serial_number, "x"),
+                    "expires_at": not_after,
+                    "token_id": holder.token_id,
+                },
             )
         )
         pem = cert.public_bytes(serialization.Encoding.PEM) + self.keys.ca_cert.public_bytes(

@@ -31,9 +31,9 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("tether.server")
 
-GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
-TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"
-TOKEN_TYPE_USER_CREDENTIAL = "urn:tether:params:oauth:token-type:user-credential"
+GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN, not a secret
+TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
+TOKEN_TYPE_USER_CREDENTIAL = "urn:tether:params:oauth:token-type:user-credential"  # noqa: S105 - a URN, not a secret
 
 
 def error_response(status: int, code: str, description: str) -> JSONResponse:
@@ -81,6 +81,10 @@ class BodyLimit:
             413, "invalid_request", f"request body is larger than {self.limit} bytes"
         )
         await resp(scope, receive, send)
+
+
+Svc = Annotated[Services, Depends(get_services)]
+Caller = Annotated[TokenClaims, Depends(authenticated)]
 
 
 # request models --------------------------------------------------------------------------
@@ -195,9 +199,6 @@ def create_app(services: Services) -> FastAPI:
         log.error("unexpected %s in request handler", type(exc).__name__)
         return error_response(500, "server_error", "internal error; see the server log")
 
-    Svc = Annotated[Services, Depends(get_services)]
-    Caller = Annotated[TokenClaims, Depends(authenticated)]
-
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -265,8 +266,13 @@ def create_app(services: Services) -> FastAPI:
         rows = svc.store.list_identities(kind)
         return {
             "identities": [
-                {"spiffe_id": r.spiffe_id, "kind": r.kind, "name": r.name,
-                 "created_ms": r.created_ms, "created_by": r.created_by}
+                {
+                    "spiffe_id": r.spiffe_id,
+                    "kind": r.kind,
+                    "name": r.name,
+                    "created_ms": r.created_ms,
+                    "created_by": r.created_by,
+                }
                 for r in rows
             ]
         }
@@ -280,7 +286,11 @@ def create_app(services: Services) -> FastAPI:
     async def x509_svid(body: X509Request, svc: Svc, caller: Caller) -> dict[str, Any]:
         """Sign an X.509-SVID for the caller's own SPIFFE ID from a PEM CSR."""
         chain, expires = svc.authority.issue_x509(caller, body.csr.encode())
-        return {"spiffe_id": str(caller.subject), "chain_pem": chain.decode(), "expires_at": expires}
+        return {
+            "spiffe_id": str(caller.subject),
+            "chain_pem": chain.decode(),
+            "expires_at": expires,
+        }
 
     app.include_router(routes_audit.router)
     app.add_middleware(BodyLimit, limit=services.config.max_body_bytes)

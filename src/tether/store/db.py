@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -129,7 +130,9 @@ class Store:
             with self._engine.begin() as conn:
                 yield conn
         except SQLAlchemyError as e:
-            raise StoreError(f"store error: {type(e).__name__}: {e.args[0] if e.args else ''}") from e
+            raise StoreError(
+                f"store error: {type(e).__name__}: {e.args[0] if e.args else ''}"
+            ) from e
 
     def _migrate(self) -> None:
         with self._tx() as conn:
@@ -138,17 +141,21 @@ class Store:
                 select(schema_info.c.value).where(schema_info.c.key == "schema_version")
             ).first()
             if row is None:
-                conn.execute(insert(schema_info).values(key="schema_version", value=str(SCHEMA_VERSION)))
+                conn.execute(
+                    insert(schema_info).values(key="schema_version", value=str(SCHEMA_VERSION))
+                )
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(
-                    f"store schema {row[0]} is newer than this Tether understands ({SCHEMA_VERSION})"
+                    f"store schema {row[0]} is newer than this Tether knows ({SCHEMA_VERSION})"
                 )
 
     def close(self) -> None:
         self._engine.dispose()
 
     # identities -------------------------------------------------------------------------
-    def ensure_identity(self, spiffe_id: str, kind: str, name: str, now_ms: int, by: str | None) -> None:
+    def ensure_identity(
+        self, spiffe_id: str, kind: str, name: str, now_ms: int, by: str | None
+    ) -> None:
         """Record that an identity exists; cheap after the first call per identity."""
         if spiffe_id in self._known:
             return
@@ -157,14 +164,17 @@ class Store:
                 select(identities.c.spiffe_id).where(identities.c.spiffe_id == spiffe_id)
             ).first()
             if exists is None:
-                try:
+                # another process may win the race with the same row
+                with contextlib.suppress(IntegrityError):
                     conn.execute(
                         insert(identities).values(
-                            spiffe_id=spiffe_id, kind=kind, name=name, created_ms=now_ms, created_by=by
+                            spiffe_id=spiffe_id,
+                            kind=kind,
+                            name=name,
+                            created_ms=now_ms,
+                            created_by=by,
                         )
                     )
-                except IntegrityError:
-                    pass  # another process won the race; same row
         with self._known_lock:
             self._known.add(spiffe_id)
 
@@ -183,7 +193,10 @@ class Store:
                 raise BadRequest(f"user {name!r} already exists")
             conn.execute(
                 insert(users).values(
-                    name=name, credential_sha256=digest, grants=json.dumps(grants), created_ms=now_ms
+                    name=name,
+                    credential_sha256=digest,
+                    grants=json.dumps(grants),
+                    created_ms=now_ms,
                 )
             )
 
@@ -204,15 +217,22 @@ class Store:
         return None if r is None else UserRecord(r.name, json.loads(r.grants), r.created_ms)
 
     # revocations ------------------------------------------------------------------------
-    def add_revocation(self, kind: str, value: str, at_ms: int, reason: str, by: str | None) -> Revocation:
+    def add_revocation(
+        self, kind: str, value: str, at_ms: int, reason: str, by: str | None
+    ) -> Revocation:
         if kind not in REVOCATION_KINDS:
             raise BadRequest(f"unknown revocation kind {kind!r}")
         with self._tx() as conn:
             res = conn.execute(
-                insert(revocations).values(kind=kind, value=value, at_ms=at_ms, reason=reason, revoked_by=by)
+                insert(revocations).values(
+                    kind=kind, value=value, at_ms=at_ms, reason=reason, revoked_by=by
+                )
             )
-            seq = int(res.inserted_primary_key[0])  # type: ignore[index]
-        return Revocation(kind, value, at_ms, reason, seq)  # type: ignore[arg-type]
+            key = res.inserted_primary_key
+            if key is None:
+                raise StoreError("the store did not return the revocation's sequence number")
+            seq = int(key[0])
+        return Revocation(kind, value, at_ms, reason, seq)
 
     def revocations_since(self, seq: int) -> list[Revocation]:
         with self._tx() as conn:
