@@ -137,6 +137,7 @@ def test_spliced_entry_equals_canonical_json_of_the_whole(audit: AuditLog) -> No
         Event(type="b", actor="x", decision="deny", data={"é": "ü", "z": [None, True]}),
         Event(type="c", subject="s", session="\u2603", bodies={"p": b"hi"}),
         ev(3, data={"nested": {"k": {"deep": ["\x00", "\u2028"]}}}),
+        ev(4, data={"\U0001f600": 1, "\uffff": 2, "a": {"\U00010000": [], "\ue000": {}}}),
     ]
     for e in events:
         audit.record(e)
@@ -515,3 +516,65 @@ def test_record_after_close_is_refused(db: Path, signer: NoteSigner) -> None:
     log.close()
     with pytest.raises(RecordFailed):
         log.record(ev())
+
+
+def test_search_is_the_same_through_the_index_and_the_scan(db: Path, signer: NoteSigner) -> None:
+    """The search index trails the writer; results must not depend on where it stands."""
+    clock = ManualClock(1_800_000_000.0)
+
+    def make(i: int) -> Event:
+        return Event(
+            type=f"t.{i % 3}",
+            actor=f"a{i % 4}",
+            subject=f"a{(i + 1) % 5}",
+            session=f"s{i % 2}",
+            decision=("allow", "deny", None)[i % 3],
+        )
+
+    with AuditLog(db, signer, ORIGIN, clock=clock) as log:
+        for i in range(30):
+            log.record(make(i))
+            clock.advance(1)
+        for _ in range(400):  # wait for the indexer to cover the first 30
+            if log.search_path.is_file():
+                conn = sqlite3.connect(log.search_path)
+                (last,) = conn.execute("SELECT max(idx) FROM search").fetchone()
+                conn.close()
+                if last == 29:
+                    break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("the search index never caught up")
+        for i in range(30, 45):  # these are found by the scan, until indexed
+            log.record(make(i))
+            clock.advance(1)
+        everything = [log.entry(i) for i in range(45)]
+
+        def brute(pred: Any, descending: bool = False, limit: int = 100) -> list[int]:
+            hits = [e["index"] for e in everything if pred(e)]
+            return (hits[::-1] if descending else hits)[:limit]
+
+        def got(rows: list[dict[str, Any]]) -> list[int]:
+            return [r["index"] for r in rows]
+
+        assert got(log.search(identity="a1")) == brute(
+            lambda e: "a1" in (e.get("actor"), e.get("subject"))
+        )
+        assert got(log.search(type="t.*", decision="deny", descending=True, limit=7)) == brute(
+            lambda e: e.get("decision") == "deny", descending=True, limit=7
+        )
+        assert got(log.search(session="s0", after=20, limit=8)) == brute(
+            lambda e: e.get("session") == "s0" and e["index"] > 20, limit=8
+        )
+        assert got(log.search(since_ms=1_800_000_025_000, until_ms=1_800_000_035_000)) == list(
+            range(25, 35)
+        )
+        assert got(log.session("s1")) == brute(lambda e: e.get("session") == "s1")
+        assert got(log.tail(3)) == [42, 43, 44]
+
+
+def test_public_surface() -> None:
+    import tether.audit
+
+    assert tether.audit.__all__ == ["AuditLog", "VerifyReport", "redact"]
+    assert all(hasattr(tether.audit, name) for name in tether.audit.__all__)

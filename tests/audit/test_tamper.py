@@ -141,6 +141,13 @@ def bogus_changed_search_column(path: Path) -> int:
     return 3
 
 
+def bogus_hidden_from_search(path: Path) -> int:
+    """Drop an entry from the derived search index so searches would not find it."""
+    search = path.with_suffix(".search.db")
+    sql(search, ("DELETE FROM search WHERE idx = 6", ()))
+    return 6
+
+
 def bogus_changed_tree_node(path: Path) -> int:
     sql(path, ("UPDATE nodes SET hash = zeroblob(32) WHERE id = ?", (node_id(2, 6),)))
     return 27  # node (2, 6) covers 24..27 and completes when entry 27 is appended
@@ -186,6 +193,7 @@ TAMPERING: list[Callable[[Path], int | None]] = [
     bogus_changed_body,
     bogus_deleted_body,
     bogus_changed_search_column,
+    bogus_hidden_from_search,
     bogus_changed_tree_node,
     bogus_rewritten_entry_and_tree,
     bogus_forged_checkpoint_signature,
@@ -236,6 +244,7 @@ def test_rollback_behind_a_saved_checkpoint_is_caught(tmp_path: Path) -> None:
     old = tmp_path / "old.db"
     build(old, 30)
     old.replace(path)
+    old.with_suffix(".search.db").replace(path.with_suffix(".search.db"))
     for suffix in ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
     ro = AuditLog.open_readonly(path, VERIFIER, ORIGIN)

@@ -30,6 +30,13 @@ writer reloads the tree from what is actually committed.
 ``checkpoint_interval`` has passed since the last one, and keeps every checkpoint. One thread
 owning every write means SQLite never makes a writer wait for another.
 
+**Search** uses the columns ``time_ms, type, actor, subject, session, decision`` stored beside
+each entry. Their secondary indexes live in a separate, derived file (``audit.search.db``) that
+an indexer thread fills from the entries in large chunks, a few tens of milliseconds behind the
+writer; a search reads the index for what it covers and scans the few newer entries. Verify
+checks the columns against the signed bytes and the index against the columns (an edited index
+could hide an entry from an investigator); a lost or foreign index is rebuilt on start.
+
 **Tree nodes** are stored one row per complete subtree in table ``nodes`` under an integer key:
 the node's position in completion order (``2*m - popcount(m) + level`` for the node completed
 when leaf ``m`` was appended). Every insert is an append to a rowid B-tree, the ids of one leaf's
@@ -39,10 +46,12 @@ nodes are consecutive, and a whole proof is one ``WHERE id IN (...)`` query.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
 import math
+import re
 import sqlite3
 import threading
 import time
@@ -96,6 +105,8 @@ DEFAULT_BUSY_TIMEOUT = 5.0
 LINGER = 0.001  # group commit: longest wait for the last batch's callers to queue again
 MAX_SEARCH_LIMIT = 10_000
 _MAX_DEPTH = 64
+_ORJSON_JCS = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
+_NON_BMP = re.compile("[\U00010000-\U0010ffff]")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -109,12 +120,12 @@ CREATE TABLE IF NOT EXISTS entries (
     session TEXT,
     decision TEXT
 );
-CREATE INDEX IF NOT EXISTS entries_time ON entries(time_ms);
-CREATE INDEX IF NOT EXISTS entries_type ON entries(type);
-CREATE INDEX IF NOT EXISTS entries_actor ON entries(actor) WHERE actor IS NOT NULL;
-CREATE INDEX IF NOT EXISTS entries_subject ON entries(subject) WHERE subject IS NOT NULL;
-CREATE INDEX IF NOT EXISTS entries_session ON entries(session) WHERE session IS NOT NULL;
-CREATE INDEX IF NOT EXISTS entries_decision ON entries(decision) WHERE decision IS NOT NULL;
+DROP INDEX IF EXISTS entries_time;
+DROP INDEX IF EXISTS entries_type;
+DROP INDEX IF EXISTS entries_actor;
+DROP INDEX IF EXISTS entries_subject;
+DROP INDEX IF EXISTS entries_session;
+DROP INDEX IF EXISTS entries_decision;
 CREATE TABLE IF NOT EXISTS nodes (id INTEGER PRIMARY KEY, hash BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS bodies (sha256 BLOB PRIMARY KEY, content BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -123,6 +134,29 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     note TEXT NOT NULL
 );
 """
+# The search index lives in its own file (``audit.search.db``), filled behind the writer by an
+# indexer thread in large chunks: maintaining six secondary indexes inside every group commit
+# cost more than everything else together (scattered index pages rewritten per commit).
+_SEARCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS search (
+    idx INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    type TEXT NOT NULL,
+    actor TEXT,
+    subject TEXT,
+    session TEXT,
+    decision TEXT
+);
+CREATE INDEX IF NOT EXISTS search_time ON search(time_ms);
+CREATE INDEX IF NOT EXISTS search_type ON search(type);
+CREATE INDEX IF NOT EXISTS search_actor ON search(actor) WHERE actor IS NOT NULL;
+CREATE INDEX IF NOT EXISTS search_subject ON search(subject) WHERE subject IS NOT NULL;
+CREATE INDEX IF NOT EXISTS search_session ON search(session) WHERE session IS NOT NULL;
+CREATE INDEX IF NOT EXISTS search_decision ON search(decision) WHERE decision IS NOT NULL;
+"""
+_INDEX_CHUNK = 16384
+_INDEX_POLL = 0.05
 _INSERT_ENTRY = (
     "INSERT INTO entries (idx, data, time_ms, type, actor, subject, session, decision) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -170,35 +204,61 @@ def _now_ms(clock: Clock) -> int:
 # -- turning an Event into entry bytes ---------------------------------------------------------
 
 
-def _clean(value: Any, depth: int = 0) -> Any:
-    """Redact and normalise one ``data`` value (see the module docstring)."""
-    if isinstance(value, str):
+def _clean(value: Any, odd_keys: list[str], depth: int = 0) -> Any:
+    """Redact and normalise one ``data`` value (see the module docstring). Keys with
+    characters above U+FFFF (which sort differently in RFC 8785) are noted in ``odd_keys``."""
+    t = type(value)
+    if t is str:
         return redact_text(value)
-    if value is None or isinstance(value, bool):
+    if value is None or t is bool:
         return value
-    if isinstance(value, int):
+    if t is int:
         return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
+    if depth >= _MAX_DEPTH:
+        raise RecordFailed(f"event data nests deeper than {_MAX_DEPTH} levels")
+    if t is dict or isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise RecordFailed(f"event data keys must be strings, not {type(k).__name__}")
+            if not k.isascii() and _NON_BMP.search(k):
+                odd_keys.append(k)
+            if v is not None and is_secret_key(k):
+                out[k] = REDACTED
+            else:
+                out[k] = _clean(v, odd_keys, depth + 1)
+        return out
+    if t is list or t is tuple or isinstance(value, list | tuple):
+        return [_clean(v, odd_keys, depth + 1) for v in value]
+    if isinstance(value, str):  # a subclass: record its plain text, not its behaviour
+        return redact_text(str.__str__(value))
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return _clean(int.__int__(value), odd_keys, depth)
     if isinstance(value, float):
         if math.isnan(value):
             return "NaN"
         if math.isinf(value):
             return "Infinity" if value > 0 else "-Infinity"
-        return repr(value)
-    if depth >= _MAX_DEPTH:
-        raise RecordFailed(f"event data nests deeper than {_MAX_DEPTH} levels")
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise RecordFailed(f"event data keys must be strings, not {type(k).__name__}")
-            if v is not None and is_secret_key(k):
-                out[k] = REDACTED
-            else:
-                out[k] = _clean(v, depth + 1)
-        return out
-    if isinstance(value, list | tuple):
-        return [_clean(v, depth + 1) for v in value]
+        return repr(float(value))
     raise RecordFailed(f"event data holds a {type(value).__name__}, which is not JSON")
+
+
+def _dumps(obj: dict[str, Any], exact: bool) -> bytes:
+    """Canonical JSON of a cleaned value. ``exact``: only dict/list/str/int/bool/None with
+    BMP-only keys, so orjson's sorted output is RFC 8785 (see tether.audit.canonical)."""
+    if exact:
+        try:
+            return orjson.dumps(obj, option=_ORJSON_JCS)
+        except orjson.JSONEncodeError:
+            pass  # a lone surrogate: the reference implementation refuses it with a reason
+    try:
+        return canonical_json(obj)
+    except TetherError as e:
+        raise RecordFailed(f"event cannot be canonicalised: {e.message}") from e
+    except (TypeError, ValueError) as e:
+        raise RecordFailed(f"event cannot be canonicalised: {type(e).__name__}") from e
 
 
 def _field(value: Any, name: str) -> str | None:
@@ -241,7 +301,8 @@ def _prepare(event: Event, time_ms: int) -> _Item:
     decision = _field(event.decision, "decision")
     if not isinstance(event.data, Mapping):
         raise RecordFailed("event data must be a mapping")
-    data = _clean(event.data)
+    odd_keys: list[str] = []
+    data = _clean(event.data, odd_keys)
     body_rows: list[tuple[bytes, bytes]] = []
     refs: dict[str, str] = {}
     for name, content in event.bodies.items():
@@ -263,13 +324,8 @@ def _prepare(event: Event, time_ms: int) -> _Item:
         tail["session"] = session
     if subject is not None:
         tail["subject"] = subject
-    try:
-        head_b = canonical_json(head)
-        tail_b = canonical_json(tail)
-    except TetherError as e:
-        raise RecordFailed(f"event cannot be canonicalised: {e.message}") from e
-    except (TypeError, ValueError) as e:
-        raise RecordFailed(f"event cannot be canonicalised: {type(e).__name__}") from e
+    head_b = _dumps(head, not odd_keys)
+    tail_b = _dumps(tail, True)
     return _Item(head_b, tail_b, (time_ms, type_, actor, subject, session, decision), body_rows)
 
 
@@ -280,22 +336,33 @@ def _entry_bytes(item: _Item, index: int) -> bytes:
 # -- batches and waiters ------------------------------------------------------------------------
 
 
-class _Batch:
-    """Events queued while the previous commit ran; made durable and acknowledged together.
+class _Slot:
+    """Where a waiting thread finds its outcome. Its lock is held by the caller from the
+    start and released by the writer: the cheapest wake-up CPython has."""
 
-    ``results[pos]`` is the receipt of the event at ``pos``, or the RecordFailed it got: an
+    __slots__ = ("lock", "result")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.lock.acquire()
+        self.result: Receipt | RecordFailed | None = None
+
+
+_Waiter = _Slot | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Receipt]"]
+_Queued = tuple[Event, int, _Waiter]  # (event, time_ms when recorded, who waits)
+
+
+class _Batch:
+    """Events taken from the queue together: made durable and acknowledged together.
+
+    ``results[pos]`` is the receipt of the event at ``pos`` or the RecordFailed it got: an
     event the writer cannot turn into an entry fails alone, a failed commit fails them all.
     """
 
-    __slots__ = ("futures", "items", "locks", "results", "settled")
+    __slots__ = ("items", "results", "settled")
 
-    def __init__(self) -> None:
-        self.items: list[tuple[Event, int]] = []  # (event, time_ms when it was recorded)
-        # One held lock per waiting thread, released on settle: the cheapest wake-up CPython
-        # has (an Event makes every woken thread queue again on the Event's own lock).
-        self.locks: list[threading.Lock] = []
-        self.futures: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Receipt], int]]]
-        self.futures = {}
+    def __init__(self, items: list[_Queued]) -> None:
+        self.items = items
         self.results: list[Receipt | RecordFailed] = []
         self.settled = False
 
@@ -305,32 +372,27 @@ class _Batch:
 
     def settle(self) -> None:
         self.settled = True
-        for lock in self.locks:
-            lock.release()
-        for loop, futs in self.futures.items():
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Receipt | RecordFailed]]] = {}
+        for (_, _, waiter), result in zip(self.items, self.results, strict=True):
+            if isinstance(waiter, _Slot):
+                waiter.result = result
+                waiter.lock.release()
+            else:
+                by_loop.setdefault(waiter[0], []).append((waiter[1], result))
+        for loop, futs in by_loop.items():  # one wake-up per event loop per batch
             # A closed loop has nobody waiting any more.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle_futures, futs, self.results)
+                loop.call_soon_threadsafe(_settle_futures, futs)
 
 
-def _settle_futures(
-    futs: list[tuple[asyncio.Future[Receipt], int]], results: list[Receipt | RecordFailed]
-) -> None:
-    for fut, pos in futs:
+def _settle_futures(futs: list[tuple[asyncio.Future[Receipt], Receipt | RecordFailed]]) -> None:
+    for fut, result in futs:
         if fut.done():  # the caller was cancelled
             continue
-        r = results[pos]
-        if isinstance(r, RecordFailed):
-            fut.set_exception(RecordFailed(r.message))
+        if isinstance(result, RecordFailed):
+            fut.set_exception(RecordFailed(result.message))
         else:
-            fut.set_result(r)
-
-
-def _outcome(batch: _Batch, pos: int) -> Receipt:
-    r = batch.results[pos]
-    if isinstance(r, RecordFailed):
-        raise RecordFailed(r.message) from r
-    return r
+            fut.set_result(result)
 
 
 # -- verification report -------------------------------------------------------------------------
@@ -390,9 +452,16 @@ class AuditLog:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         # writer state (owned by the writer thread once started)
-        self._cond = threading.Condition(threading.Lock())
-        self._pending = _Batch()
+        self._lifecycle = threading.Lock()
+        # The queue is a deque: appending is atomic under the GIL, so recording threads never
+        # queue on a shared lock (measured: a Condition there made 64 threads convoy).
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = False  # the writer is (about to be) blocked on _wake
         self._expect = 0  # events the last batch had: how many to linger for
+        self._stopped = False  # the writer has exited: nothing queued will be taken
+        self._indexer: threading.Thread | None = None
+        self._index_stop = threading.Event()
         self._started = False
         self._closing = False
         self._closed = False
@@ -428,9 +497,14 @@ class AuditLog:
         self._local = threading.local()
         self._readers = []
         self._readers_lock = threading.Lock()
-        self._cond = threading.Condition(threading.Lock())
-        self._pending = _Batch()
+        self._lifecycle = threading.Lock()
+        self._queue = collections.deque()
+        self._wake = threading.Event()
+        self._idle = False
         self._expect = 0
+        self._stopped = True
+        self._indexer = None
+        self._index_stop = threading.Event()
         self._started = True
         self._closing = False
         self._closed = False
@@ -460,7 +534,7 @@ class AuditLog:
         """Open (or create) the store, check and repair its tail, start the writer thread."""
         if self._readonly:
             return
-        with self._cond:
+        with self._lifecycle:
             if self._started:
                 return
             self._started = True
@@ -477,16 +551,28 @@ class AuditLog:
             self._write_checkpoint()
         self._thread = threading.Thread(target=self._run, name="tether-audit-writer", daemon=True)
         self._thread.start()
+        index_conn = self._open_index()
+        if index_conn is not None:
+            self._indexer = threading.Thread(
+                target=self._index_loop,
+                args=(index_conn,),
+                name="tether-audit-indexer",
+                daemon=True,
+            )
+            self._indexer.start()
 
     def close(self) -> None:
         """Drain the queue, sign a final checkpoint, close every connection."""
-        with self._cond:
+        with self._lifecycle:
             if self._closed:
                 return
             self._closing = True
-            self._cond.notify_all()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join()
+        self._index_stop.set()
+        if self._indexer is not None:
+            self._indexer.join()
         self._closed = True
         if self._conn is not None:
             # Another process may still be reading; then the WAL stays, which is fine.
@@ -550,24 +636,26 @@ class AuditLog:
             self._readers.append(conn)
         return conn
 
+    @property
+    def search_path(self) -> Path:
+        """The derived search index beside the log (rebuilt from entries if lost)."""
+        return self.path.with_suffix(".search.db")
+
     def _connect_reader(self) -> sqlite3.Connection:
+        mode = "?mode=ro" if self._readonly else ""
         try:
-            if self._readonly:
-                conn = sqlite3.connect(
-                    f"{self.path.resolve().as_uri()}?mode=ro",
-                    uri=True,
-                    isolation_level=None,
-                    check_same_thread=False,
-                    timeout=self._busy_timeout,
-                )
-            else:
-                conn = sqlite3.connect(
-                    self.path,
-                    isolation_level=None,
-                    check_same_thread=False,
-                    timeout=self._busy_timeout,
-                )
+            conn = sqlite3.connect(
+                f"{self.path.resolve().as_uri()}{mode}",
+                uri=True,
+                isolation_level=None,
+                check_same_thread=False,
+                timeout=self._busy_timeout,
+            )
             conn.execute("PRAGMA query_only=ON")
+            if self.search_path.is_file():
+                conn.execute(
+                    "ATTACH DATABASE ? AS s", (f"{self.search_path.resolve().as_uri()}?mode=ro",)
+                )
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the audit log {self.path}: {e}") from e
         return conn
@@ -578,6 +666,74 @@ class AuditLog:
         except sqlite3.Error as e:
             raise StoreError(f"{self.path} is not a readable audit log: {e}") from e
         return None if row is None else str(row[0])
+
+    # -- the search index ------------------------------------------------------------------
+
+    def _open_index(self) -> sqlite3.Connection | None:
+        """Open (or create, or rebuild) the search index; None if it cannot be had, in which
+        case searches scan the entries (slower, still correct)."""
+        for attempt in range(2):
+            try:
+                conn = sqlite3.connect(
+                    self.search_path.resolve().as_uri(),
+                    uri=True,
+                    isolation_level=None,
+                    check_same_thread=False,
+                    timeout=self._busy_timeout,
+                )
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=OFF")  # derived data: rebuilt if lost
+                conn.executescript(_SEARCH_SCHEMA)
+                conn.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('origin', ?)", (self.origin,)
+                )
+                (origin,) = conn.execute("SELECT value FROM meta WHERE key = 'origin'").fetchone()
+                (last,) = conn.execute("SELECT max(idx) FROM search").fetchone()
+                if origin != self.origin or (last is not None and last >= self._head[0]):
+                    raise sqlite3.DatabaseError("search index is not of this log")
+                conn.execute(
+                    "ATTACH DATABASE ? AS log", (f"{self.path.resolve().as_uri()}?mode=ro",)
+                )
+                return conn
+            except sqlite3.Error as e:
+                with contextlib.suppress(NameError, sqlite3.Error):
+                    conn.close()
+                log.warning("audit search index %s rebuilt: %s", self.search_path, e)
+                if attempt == 0:
+                    for suffix in ("", "-wal", "-shm"):
+                        Path(str(self.search_path) + suffix).unlink(missing_ok=True)
+        return None
+
+    def _index_loop(self, conn: sqlite3.Connection) -> None:
+        try:
+            while True:
+                stop = self._index_stop.wait(_INDEX_POLL)
+                try:
+                    self._index_step(conn)
+                except sqlite3.Error as e:
+                    log.warning("audit search indexing failed (will retry): %s", e)
+                if stop:
+                    return
+        finally:
+            conn.close()
+
+    def _index_step(self, conn: sqlite3.Connection) -> None:
+        """Copy the search columns of new entries, in chunks: one statement each, run by
+        SQLite alone (no GIL), on the other core while the writer commits."""
+        (last,) = conn.execute("SELECT max(idx) FROM search").fetchone()
+        upto = 0 if last is None else int(last) + 1
+        size = self._head[0]
+        while upto < size:
+            hi = min(size, upto + _INDEX_CHUNK)
+            conn.execute("BEGIN")
+            conn.execute(
+                "INSERT INTO search (idx, time_ms, type, actor, subject, session, decision) "
+                "SELECT idx, time_ms, type, actor, subject, session, decision "
+                "FROM log.entries WHERE idx >= ? AND idx < ?",
+                (upto, hi),
+            )
+            conn.execute("COMMIT")
+            upto = hi
 
     # -- opening checks and repair -----------------------------------------------------------
 
@@ -727,39 +883,40 @@ class AuditLog:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def _enqueue(
-        self,
-        event: Event,
-        fut: tuple[asyncio.AbstractEventLoop, asyncio.Future[Receipt]] | None,
-        lock: threading.Lock | None = None,
-    ) -> tuple[_Batch, int]:
+    def _enqueue(self, event: Event, waiter: _Waiter) -> None:
         # Callers only queue: redaction and canonicalisation run on the writer thread, so a
         # crowd of recording threads competes for the GIL in short slices and the writer
         # (which must hold it to build each batch) is not starved. Measured in bench_audit.
-        time_ms = _now_ms(self._clock)
-        with self._cond:
-            if self._readonly:
-                raise RecordFailed("this audit log is open read-only")
-            if self._closing or not self._started:
-                raise RecordFailed("the audit log is not running")
-            batch = self._pending
-            pos = len(batch.items)
-            batch.items.append((event, time_ms))
-            if fut is not None:
-                batch.futures.setdefault(fut[0], []).append((fut[1], pos))
-            if lock is not None:
-                batch.locks.append(lock)
-            if pos == 0 or pos + 1 == self._expect:
-                self._cond.notify()
-        return batch, pos
+        if self._readonly:
+            raise RecordFailed("this audit log is open read-only")
+        if self._closing or not self._started:
+            raise RecordFailed("the audit log is not running")
+        self._queue.append((event, _now_ms(self._clock), waiter))
+        # Pairs with _next_batch: it sets _idle, then looks at the queue; we append, then look
+        # at _idle. Under the GIL one of the two sees the other, so no event is left unseen.
+        if self._idle:
+            self._wake.set()
+        if self._stopped:  # the writer is gone; fail whatever it did not take, ours included
+            self._fail_queued(RecordFailed("the audit log is not running"))
+
+    def _fail_queued(self, error: RecordFailed) -> None:
+        items: list[_Queued] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                items.append(self._queue.popleft())
+        if items:
+            _Batch(items).fail(error)
 
     def record(self, event: Event) -> Receipt:
         """Append ``event``; return once it is durable. Raises RecordFailed otherwise."""
-        lock = threading.Lock()
-        lock.acquire()
-        batch, pos = self._enqueue(event, None, lock)
-        lock.acquire()  # released by the writer once the batch is durable (or failed)
-        return _outcome(batch, pos)
+        slot = _Slot()
+        self._enqueue(event, slot)
+        slot.lock.acquire()  # released by the writer once the batch is durable (or failed)
+        result = slot.result
+        if isinstance(result, RecordFailed):
+            raise RecordFailed(result.message) from result
+        assert result is not None
+        return result
 
     async def arecord(self, event: Event) -> Receipt:
         """The same for async callers: waits on a future the writer resolves, never blocking
@@ -772,39 +929,29 @@ class AuditLog:
     # -- the writer thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        error = RecordFailed("the audit log is not running")
         try:
             self._loop()
         except BaseException as e:  # the writer must never die silently with callers waiting
             log.critical("audit writer stopped: %s", e)
-            with self._cond:
-                self._closing = True
-                pending, self._pending = self._pending, _Batch()
-            for batch in (self._inflight, pending):
-                if batch is not None and not batch.settled:
-                    batch.fail(RecordFailed(f"the audit writer stopped: {type(e).__name__}"))
+            error = RecordFailed(f"the audit writer stopped: {type(e).__name__}")
+            self._closing = True
+            if self._inflight is not None and not self._inflight.settled:
+                self._inflight.fail(error)
+        finally:
+            self._stopped = True
+            self._fail_queued(error)
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._pending.items and not self._closing:
-                    timeout = self._checkpoint_wait()
-                    if timeout is not None and timeout <= 0:
-                        break
-                    self._cond.wait(timeout)
-                self._linger()
-                batch = self._pending
-                if batch.items:
-                    self._pending = _Batch()
-                    self._expect = len(batch.items)
-                closing = self._closing
-            if batch.items:
+            items = self._next_batch()
+            if items:
+                batch = _Batch(items)
                 self._inflight = batch
                 self._commit(batch)
                 self._inflight = None
-            if closing:
-                with self._cond:
-                    if self._pending.items:
-                        continue
+                self._expect = len(items)
+            elif self._closing:
                 if self._cp_size != self._head[0]:
                     self._write_checkpoint()
                 return
@@ -812,21 +959,42 @@ class AuditLog:
             if wait is not None and wait <= 0:
                 self._write_checkpoint()
 
+    def _next_batch(self) -> list[_Queued]:
+        """Everything queued, once there is something (or a checkpoint falls due, or close)."""
+        queue = self._queue
+        while not queue and not self._closing:
+            self._wake.clear()
+            self._idle = True
+            if queue:
+                self._idle = False
+                break
+            timeout = self._checkpoint_wait()
+            if timeout is not None and timeout <= 0:
+                self._idle = False
+                return []
+            self._wake.wait(timeout)
+            self._idle = False
+        self._linger()
+        items: list[_Queued] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                items.append(queue.popleft())
+        return items
+
     def _linger(self) -> None:
         """Group commit: give the callers just acknowledged a moment to queue their next event.
 
         Without it the writer takes a near-empty batch and then fights those callers for the
-        GIL at every SQLite call. It waits at most :data:`LINGER` seconds, and only for as many
-        events as the last batch had (the lock is held; ``wait`` releases it).
+        GIL at every SQLite call. It sleeps in short steps for at most :data:`LINGER` seconds,
+        and only until as many events are queued as the last batch had.
         """
-        if self._expect <= 1 or self._closing:
+        if self._expect <= 1:
             return
         deadline = time.monotonic() + LINGER
-        while len(self._pending.items) < self._expect and not self._closing:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while len(self._queue) < self._expect and not self._closing:
+            if time.monotonic() >= deadline:
                 return
-            self._cond.wait(remaining)
+            time.sleep(LINGER / 10)
 
     def _checkpoint_wait(self) -> float | None:
         if self._head[0] == self._cp_size:
@@ -845,7 +1013,7 @@ class AuditLog:
         results = batch.results
         append = tree.append
         offset = 1  # SQL substr() counts from 1
-        for event, time_ms in batch.items:
+        for event, time_ms, _ in batch.items:
             try:
                 item = _prepare(event, time_ms)
             except RecordFailed as e:
@@ -965,6 +1133,11 @@ class AuditLog:
         except sqlite3.Error as e:
             raise StoreError(f"cannot read the audit log: {e}") from e
         return 0 if last is None else int(last) + 1
+
+    @property
+    def verifier(self) -> NoteVerifier | None:
+        """The checkpoint verifier (from the signer, or given to :meth:`open_readonly`)."""
+        return self._verifier
 
     @property
     def verifier_key(self) -> str:
@@ -1133,28 +1306,52 @@ class AuditLog:
         if after is not None:
             where.append("idx < ?" if descending else "idx > ?")
             args.append(after)
-        sql = "SELECT data FROM entries"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY idx {'DESC' if descending else 'ASC'} LIMIT ?"
-        args.append(limit)
+        return self._select(" AND ".join(where) or "1", args, limit, descending)
+
+    def _select(
+        self, where: str, args: list[Any], limit: int | None, descending: bool
+    ) -> list[dict[str, Any]]:
+        """Entries matching ``where`` (over the search columns): through the search index for
+        what it covers, by scanning the few entries after it for the rest."""
+        order = "DESC" if descending else "ASC"
+        lim = "" if limit is None else " LIMIT ?"
+        conn = self._reader()
         try:
-            rows = self._reader().execute(sql, args).fetchall()
+            attached = conn.execute(
+                "SELECT 1 FROM pragma_database_list WHERE name = 's'"
+            ).fetchone()
+            upto = 0
+            if attached:
+                (last,) = conn.execute("SELECT max(idx) FROM s.search").fetchone()
+                upto = 0 if last is None else int(last) + 1
+            # Both halves use the same ``upto``, so nothing is missed or repeated.
+            # ``where`` is built from fixed fragments only; every value is a bound parameter.
+            indexed = _qualify(
+                "SELECT e.data FROM s.search x JOIN entries e ON e.idx = x.idx "  # noqa: S608
+                f"WHERE x.idx < ? AND ({where.replace('idx', 'x.idx')}) ORDER BY x.idx {order}",
+                "x.",
+            )
+            scanned = (
+                f"SELECT data FROM entries WHERE idx >= ? AND ({where}) "  # noqa: S608
+                f"ORDER BY idx {order}"
+            )
+            halves = [(scanned, upto)]
+            if attached:
+                halves.insert(0 if not descending else 1, (indexed, upto))
+            rows: list[Any] = []
+            for sql, bound in halves:
+                want = None if limit is None else limit - len(rows)
+                if want is not None and want <= 0:
+                    break
+                params = [bound, *args] + ([] if want is None else [want])
+                rows += conn.execute(sql + lim, params).fetchall()
         except sqlite3.Error as e:
             raise StoreError(f"cannot search the audit log: {e}") from e
         return [_parse(bytes(r[0])) for r in rows]
 
     def session(self, session_id: str) -> list[dict[str, Any]]:
         """Every entry of one session, in order."""
-        try:
-            rows = (
-                self._reader()
-                .execute("SELECT data FROM entries WHERE session = ? ORDER BY idx", (session_id,))
-                .fetchall()
-            )
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot read the audit log: {e}") from e
-        return [_parse(bytes(r[0])) for r in rows]
+        return self._select("session = ?", [session_id], None, False)
 
     def tail(self, n: int = 20) -> list[dict[str, Any]]:
         """The last ``n`` entries, oldest first."""
@@ -1245,6 +1442,31 @@ class AuditLog:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             raise VerificationFailed(f"the audit store cannot be read: {e}") from e
+
+    @staticmethod
+    def _verify_search_index(conn: sqlite3.Connection) -> None:
+        """The search index is derived, but an edited one could hide entries from an
+        investigator: every row must match its (already verified) entry, with no gaps."""
+        if not conn.execute("SELECT 1 FROM pragma_database_list WHERE name = 's'").fetchone():
+            return
+        hint = "delete audit.search.db: the server rebuilds it from the verified entries"
+        bad = conn.execute(_SEARCH_MISMATCH).fetchone()
+        if bad is not None:
+            raise VerificationFailed(
+                f"the search index disagrees with entry {bad[0]}", index=int(bad[0]), hint=hint
+            )
+        count, last = conn.execute("SELECT count(*), max(idx) FROM s.search").fetchone()
+        if last is not None and count != last + 1:
+            (gap,) = conn.execute(
+                "SELECT min(e.idx) FROM entries e LEFT JOIN s.search x ON x.idx = e.idx "
+                "WHERE e.idx <= ? AND x.idx IS NULL",
+                (last,),
+            ).fetchone()
+            raise VerificationFailed(
+                f"the search index is missing entry {gap}: it would hide it from searches",
+                index=gap,
+                hint=hint,
+            )
 
     def _verify_snapshot(
         self,
@@ -1349,6 +1571,7 @@ class AuditLog:
                 "the log was truncated or rolled back",
                 index=size,
             )
+        self._verify_search_index(conn)
         n_cps = conn.execute("SELECT count(*), coalesce(max(size), 0) FROM checkpoints").fetchone()
         warnings: list[str] = []
         if int(n_cps[1]) < size:
@@ -1365,6 +1588,26 @@ class AuditLog:
             seconds=time.perf_counter() - started,
             warnings=tuple(warnings),
         )
+
+
+_COLUMN_RE = re.compile(r"(?<![.\w])(time_ms|type|actor|subject|session|decision)\b")
+
+
+def _qualify(sql: str, alias: str) -> str:
+    """Prefix the search columns in the WHERE part of ``sql`` with ``alias``."""
+    head, _, tail = sql.partition(" WHERE ")
+    where, _, order = tail.partition(" ORDER BY ")
+    qualified = _COLUMN_RE.sub(lambda m: alias + m.group(1), where)
+    return f"{head} WHERE {qualified} ORDER BY {order}"
+
+
+_SEARCH_MISMATCH = """
+SELECT x.idx FROM s.search x LEFT JOIN entries e ON e.idx = x.idx
+WHERE e.idx IS NULL OR e.time_ms IS NOT x.time_ms OR e.type IS NOT x.type
+   OR e.actor IS NOT x.actor OR e.subject IS NOT x.subject OR e.session IS NOT x.session
+   OR e.decision IS NOT x.decision
+ORDER BY x.idx LIMIT 1
+"""
 
 
 def _parse(data: bytes) -> dict[str, Any]:

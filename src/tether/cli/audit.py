@@ -265,8 +265,8 @@ def proof(
         audit = _open(data_dir)
         note = audit.latest_checkpoint()
         signed = None
-        if audit._verifier is not None:
-            signed = verify_checkpoint(note, audit._verifier, audit.origin)
+        if audit.verifier is not None:
+            signed = verify_checkpoint(note, audit.verifier, audit.origin)
         if size is None:
             size = signed.size if signed is not None and index < signed.size else audit.size()
         hashes = audit.inclusion_proof(index, size)
