@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -17,23 +18,41 @@ import pytest
 TETHER = [sys.executable, "-m", "tether.cli.main"]
 
 
-def run(home: Path, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    home: Path, *args: str, ok: bool = True, addr: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TETHER_HOME": str(home), "NO_COLOR": "1", "COLUMNS": "200"}
     env.pop("TETHER_ADDR", None)
+    if addr:
+        env["TETHER_ADDR"] = addr
     proc = subprocess.run([*TETHER, *args], capture_output=True, text=True, env=env, timeout=60)
     if ok and proc.returncode != 0:
         raise AssertionError(f"tether {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Path]:
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def server(tmp_path: Path, port: int) -> Iterator[Path]:
     home = tmp_path / "home"
     run(home, "init", "--trust-domain", "example.org")
     log = (tmp_path / "server.log").open("w")
     env = {**os.environ, "TETHER_HOME": str(home)}
     proc = subprocess.Popen(
-        [*TETHER, "serve", "--listen", "127.0.0.1:0"], env=env, stdout=log, stderr=subprocess.STDOUT
+        [*TETHER, "serve", "--listen", f"127.0.0.1:{port}"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     sock = home / "tether.sock"
     deadline = time.monotonic() + 30
@@ -163,3 +182,11 @@ def test_x509_svid(server: Path, tmp_path: Path) -> None:
         "spiffe://example.org/user/admin"
     ]
     assert (tmp_path / "svid" / "svid.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_cli_over_tcp_with_tether_addr(server: Path, port: int) -> None:
+    me = run(server, "whoami", "--json", addr=f"127.0.0.1:{port}")
+    assert json.loads(me.stdout)["spiffe_id"] == "spiffe://example.org/user/admin"
+    with httpx.Client() as c:
+        assert c.get(f"http://127.0.0.1:{port}/healthz").json() == {"status": "ok"}
+        assert "/v1/token" in c.get(f"http://127.0.0.1:{port}/openapi.json").json()["paths"]

@@ -119,3 +119,19 @@ def test_objective_and_task_limits(services: Services, admin_token: str) -> None
         services.authority.delegate(admin, "x", ["model:*"], objective="x" * 20000)
     with pytest.raises(BadRequest, match="task id"):
         services.authority.delegate(admin, "x", ["model:*"], task="bad\ntask")
+
+
+async def test_async_issuance_fails_closed_and_records_refusals(
+    services: Services, admin_token: str
+) -> None:
+    rec = MemoryRecorder()
+    auth = Authority(services.config, services.keys, services.store, rec, RevocationList())
+    admin = services.verifier.verify(admin_token)
+    issued = await auth.adelegate(admin, "planner", ["model:gpt-4o"], ttl=60)
+    assert rec.of_type("identity.issued")[0].data["token_id"] == issued.claims.token_id
+    with pytest.raises(DelegationRefused):
+        await auth.adelegate(issued.claims, "worker", ["model:*"])
+    assert "wider" in rec.of_type("identity.refused")[0].data["reason"]
+    rec.fail = True
+    with pytest.raises(RecordFailed):
+        await auth.adelegate(admin, "planner", ["model:*"])

@@ -13,6 +13,7 @@ token leaves the authority (fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import secrets
@@ -33,7 +34,7 @@ from tether.errors import (
     TetherError,
 )
 from tether.events import Event, Recorder
-from tether.identity.claims import TokenClaims
+from tether.identity.claims import TokenClaims, parse_grants
 from tether.identity.grants import Grants
 from tether.identity.jws import sign_es256
 from tether.identity.keys import KeySet
@@ -77,6 +78,15 @@ class IssuedToken:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Issuance:
+    """A signed token and its audit event, not yet recorded (so not yet releasable)."""
+
+    issued: IssuedToken
+    event: Event
+    identity: tuple[str, str, str, int, str | None]  # spiffe_id, kind, name, created_ms, by
+
+
 def objective_digest(objective: str) -> str:
     return hashlib.sha256(objective.encode()).hexdigest()
 
@@ -116,21 +126,36 @@ class Authority:
         except Exception as e:  # any recorder failure means no durable record: refuse
             raise RecordFailed(f"audit record failed: {type(e).__name__}") from e
 
+    async def _arecord(self, event: Event) -> None:
+        try:
+            await self.recorder.arecord(event)
+        except RecordFailed:
+            raise
+        except Exception as e:  # any recorder failure means no durable record: refuse
+            raise RecordFailed(f"audit record failed: {type(e).__name__}") from e
+
+    @staticmethod
+    def _refusal(
+        error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]
+    ) -> Event:
+        return Event(
+            type="identity.refused",
+            actor=actor,
+            subject=subject,
+            session=data.get("task"),
+            decision="deny",
+            data={**data, "reason": error.message, "error": error.code},
+        )
+
     def _refuse(
         self, error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]
     ) -> None:
         """Record a refusal (best effort: the refusal stands even if the log is down)."""
         with contextlib.suppress(Exception):  # the refusal is raised either way
-            self.recorder.record(
-                Event(
-                    type="identity.refused",
-                    actor=actor,
-                    subject=subject,
-                    session=data.get("task"),
-                    decision="deny",
-                    data={**data, "reason": error.message, "error": error.code},
-                )
-            )
+            self.recorder.record(self._refusal(error, actor, subject, data))
+
+    def _remember(self, issuance: _Issuance) -> None:
+        self.store.ensure_identity(*issuance.identity)
 
     def login(self, credential: str, ttl: float | None = None) -> IssuedToken:
         """Exchange a local user credential for the user's own JWT-SVID."""
@@ -186,16 +211,42 @@ class Authority:
         kind: IdentityKind = "agent",
     ) -> IssuedToken:
         """Issue a token for agent ``name`` delegated from ``grantor`` (already verified)."""
-        request = {"agent": name, "grants": list(grants), "ttl": ttl, "task": task}
-        actor = str(grantor.subject)
         try:
-            issued = self._delegate(grantor, name, grants, ttl, task, objective, kind)
+            issuance = self._build_delegation(grantor, name, grants, ttl, task, objective, kind)
         except (DelegationRefused, BadRequest, PermissionDenied) as e:
-            self._refuse(e, actor, None, request)
+            request = {"agent": name, "grants": list(grants), "ttl": ttl, "task": task}
+            self._refuse(e, str(grantor.subject), None, request)
             raise
-        return issued
+        self._record(issuance.event)
+        self._remember(issuance)
+        return issuance.issued
 
-    def _delegate(
+    async def adelegate(
+        self,
+        grantor: TokenClaims,
+        name: str,
+        grants: list[str],
+        *,
+        ttl: float | None = None,
+        task: str | None = None,
+        objective: str | None = None,
+        kind: IdentityKind = "agent",
+    ) -> IssuedToken:
+        """:meth:`delegate` for async callers: waits for the durable record without blocking
+        the event loop, so concurrent issuances share one group commit."""
+        try:
+            issuance = self._build_delegation(grantor, name, grants, ttl, task, objective, kind)
+        except (DelegationRefused, BadRequest, PermissionDenied) as e:
+            request = {"agent": name, "grants": list(grants), "ttl": ttl, "task": task}
+            with contextlib.suppress(Exception):  # the refusal is raised either way
+                await self.recorder.arecord(self._refusal(e, str(grantor.subject), None, request))
+            raise
+        await self._arecord(issuance.event)
+        if not self.store.is_known(issuance.identity[0]):
+            await asyncio.to_thread(self._remember, issuance)
+        return issuance.issued
+
+    def _build_delegation(
         self,
         grantor: TokenClaims,
         name: str,
@@ -204,7 +255,8 @@ class Authority:
         task: str | None,
         objective: str | None,
         kind: IdentityKind,
-    ) -> IssuedToken:
+    ) -> _Issuance:
+        """Check every rule and sign; no I/O. The caller records, then returns the token."""
         if kind not in ("agent", "beam"):
             raise BadRequest(f"tokens can be delegated to agents and beams, not {kind}s")
         subject = SpiffeId(self.config.trust_domain, kind, name)
@@ -220,7 +272,9 @@ class Authority:
             raise BadRequest(f"objective is longer than {MAX_OBJECTIVE_BYTES} bytes")
         if task is not None and (not task or len(task) > MAX_TASK_CHARS or not task.isprintable()):
             raise BadRequest(f"task id must be 1-{MAX_TASK_CHARS} printable characters")
-        granted = Grants.parse(grants).attenuate(grantor.grants)
+        if not isinstance(grants, list | tuple) or not all(isinstance(g, str) for g in grants):
+            raise BadRequest("grants must be a list of 'KIND:PATTERN' strings")
+        granted = parse_grants(tuple(grants)).attenuate(grantor.grants)
 
         now = self.clock.now()
         remaining = grantor.expires_at - now
@@ -258,28 +312,25 @@ class Authority:
             else grantor.objective_sha256,
             issued_at_ms=int(now * 1000),
         )
-        issued = self._sign(claims)
-        self._record(
-            Event(
-                type="identity.issued",
-                actor=str(grantor.subject),
-                subject=str(subject),
-                session=claims.task,
-                decision="allow",
-                data={
-                    "token_id": claims.token_id,
-                    "expires_at": claims.expires_at,
-                    "grants": claims.grants.to_list(),
-                    "chain": [str(g) for g in chain],
-                    "chain_jti": list(claims.chain_jti),
-                    "depth": claims.depth,
-                    "objective_sha256": claims.objective_sha256,
-                },
-                bodies={"objective": objective.encode()} if objective is not None else {},
-            )
+        event = Event(
+            type="identity.issued",
+            actor=str(grantor.subject),
+            subject=str(subject),
+            session=claims.task,
+            decision="allow",
+            data={
+                "token_id": claims.token_id,
+                "expires_at": claims.expires_at,
+                "grants": claims.grants.to_list(),
+                "chain": [str(g) for g in chain],
+                "chain_jti": list(claims.chain_jti),
+                "depth": claims.depth,
+                "objective_sha256": claims.objective_sha256,
+            },
+            bodies={"objective": objective.encode()} if objective is not None else {},
         )
-        self.store.ensure_identity(str(subject), kind, name, int(now * 1000), str(grantor.subject))
-        return issued
+        identity = (str(subject), kind, name, int(now * 1000), str(grantor.subject))
+        return _Issuance(self._sign(claims), event, identity)
 
     # revocation -------------------------------------------------------------------------
     def revoke(

@@ -35,7 +35,7 @@ from tether.errors import InvalidToken
 from tether.identity.grants import Grants
 from tether.identity.spiffe import SpiffeId
 
-__all__ = ["CLAIMS_VERSION", "TokenClaims"]
+__all__ = ["CLAIMS_VERSION", "TokenClaims", "parse_grants"]
 
 CLAIMS_VERSION = 1
 
@@ -45,7 +45,8 @@ _parse_id = lru_cache(maxsize=4096)(SpiffeId.parse)
 
 
 @lru_cache(maxsize=4096)
-def _parse_grants(texts: tuple[str, ...]) -> Grants:
+def parse_grants(texts: tuple[str, ...]) -> Grants:
+    """:meth:`Grants.parse`, memoised (grant sets repeat; the result is frozen)."""
     return Grants.parse(texts)
 
 
@@ -146,7 +147,7 @@ class TokenClaims:
                 token_id=str(payload["jti"]),
                 grantors=tuple(grantors),
                 chain_jti=chain_jti,
-                grants=_parse_grants(tuple(ext["grants"])),
+                grants=parse_grants(tuple(ext["grants"])),
                 task=None if task is None else str(task),
                 objective_sha256=None if obj is None else str(obj),
                 issued_at_ms=int(ext.get("iat_ms", payload["iat"] * 1000)),

@@ -7,6 +7,7 @@ shape, RFC 6749 §5.2), with a 4xx status for anything the caller got wrong; 401
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Annotated, Any, Literal
@@ -231,7 +232,8 @@ def create_app(services: Services) -> FastAPI:
         ttl = _parse_ttl(ttl_text) if ttl_text else None
         if token_type == TOKEN_TYPE_USER_CREDENTIAL:
             try:
-                issued = svc.authority.login(subject_token, ttl)
+                # login reads the store: keep it off the event loop
+                issued = await asyncio.to_thread(svc.authority.login, subject_token, ttl)
             except AuthenticationError as e:
                 return error_response(400, "invalid_grant", e.message)
             return JSONResponse(issued.response(), headers={"Cache-Control": "no-store"})
@@ -246,7 +248,7 @@ def create_app(services: Services) -> FastAPI:
         grants = list(params.get("grant", []))
         for scope in params.get("scope", []):
             grants += scope.split()
-        issued = svc.authority.delegate(
+        issued = await svc.authority.adelegate(
             grantor,
             agent,
             grants,
@@ -262,7 +264,7 @@ def create_app(services: Services) -> FastAPI:
         return caller.summary()
 
     @app.get("/v1/identities", tags=["identity"])
-    async def identities(svc: Svc, _caller: Caller, kind: str | None = None) -> dict[str, Any]:
+    def identities(svc: Svc, _caller: Caller, kind: str | None = None) -> dict[str, Any]:
         rows = svc.store.list_identities(kind)
         return {
             "identities": [
@@ -277,13 +279,15 @@ def create_app(services: Services) -> FastAPI:
             ]
         }
 
+    # Rare endpoints that touch the store or wait for a durable record are plain functions:
+    # FastAPI runs them in its thread pool, so they never stall the event loop.
     @app.post("/v1/revoke", tags=["identity"])
-    async def revoke(body: RevokeRequest, svc: Svc, caller: Caller) -> dict[str, Any]:
+    def revoke(body: RevokeRequest, svc: Svc, caller: Caller) -> dict[str, Any]:
         rev = svc.authority.revoke(caller, body.kind, body.value, body.reason)
         return {"kind": rev.kind, "value": rev.value, "at_ms": rev.at_ms, "seq": rev.seq}
 
     @app.post("/v1/svid/x509", tags=["identity"])
-    async def x509_svid(body: X509Request, svc: Svc, caller: Caller) -> dict[str, Any]:
+    def x509_svid(body: X509Request, svc: Svc, caller: Caller) -> dict[str, Any]:
         """Sign an X.509-SVID for the caller's own SPIFFE ID from a PEM CSR."""
         chain, expires = svc.authority.issue_x509(caller, body.csr.encode())
         return {

@@ -178,6 +178,10 @@ class Store:
         with self._known_lock:
             self._known.add(spiffe_id)
 
+    def is_known(self, spiffe_id: str) -> bool:
+        """Whether this process has already recorded ``spiffe_id`` (no I/O)."""
+        return spiffe_id in self._known
+
     def list_identities(self, kind: str | None = None) -> list[IdentityRecord]:
         q = select(identities).order_by(identities.c.created_ms, identities.c.spiffe_id)
         if kind:
