@@ -87,6 +87,34 @@ class _Issuance:
     identity: tuple[str, str, str, int, str | None]  # spiffe_id, kind, name, created_ms, by
 
 
+REFUSALS = (DelegationRefused, BadRequest, PermissionDenied)
+
+
+def _refusal(
+    error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]
+) -> Event:
+    return Event(
+        type="identity.refused",
+        actor=actor,
+        subject=subject,
+        session=data.get("task"),
+        decision="deny",
+        data={**data, "reason": error.message, "error": error.code},
+    )
+
+
+def _delegation_refusal(
+    error: TetherError,
+    grantor: TokenClaims,
+    name: str,
+    grants: list[str],
+    ttl: float | None,
+    task: str | None,
+) -> Event:
+    request = {"agent": name, "grants": [str(g) for g in grants], "ttl": ttl, "task": task}
+    return _refusal(error, str(grantor.subject), None, request)
+
+
 def objective_digest(objective: str) -> str:
     return hashlib.sha256(objective.encode()).hexdigest()
 
@@ -134,25 +162,12 @@ class Authority:
         except Exception as e:  # any recorder failure means no durable record: refuse
             raise RecordFailed(f"audit record failed: {type(e).__name__}") from e
 
-    @staticmethod
-    def _refusal(
-        error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]
-    ) -> Event:
-        return Event(
-            type="identity.refused",
-            actor=actor,
-            subject=subject,
-            session=data.get("task"),
-            decision="deny",
-            data={**data, "reason": error.message, "error": error.code},
-        )
-
     def _refuse(
         self, error: TetherError, actor: str | None, subject: str | None, data: dict[str, Any]
     ) -> None:
         """Record a refusal (best effort: the refusal stands even if the log is down)."""
         with contextlib.suppress(Exception):  # the refusal is raised either way
-            self.recorder.record(self._refusal(error, actor, subject, data))
+            self.recorder.record(_refusal(error, actor, subject, data))
 
     def _remember(self, issuance: _Issuance) -> None:
         self.store.ensure_identity(*issuance.identity)
@@ -213,9 +228,9 @@ class Authority:
         """Issue a token for agent ``name`` delegated from ``grantor`` (already verified)."""
         try:
             issuance = self._build_delegation(grantor, name, grants, ttl, task, objective, kind)
-        except (DelegationRefused, BadRequest, PermissionDenied) as e:
-            request = {"agent": name, "grants": list(grants), "ttl": ttl, "task": task}
-            self._refuse(e, str(grantor.subject), None, request)
+        except REFUSALS as e:
+            with contextlib.suppress(Exception):  # the refusal is raised either way
+                self.recorder.record(_delegation_refusal(e, grantor, name, grants, ttl, task))
             raise
         self._record(issuance.event)
         self._remember(issuance)
@@ -236,10 +251,11 @@ class Authority:
         the event loop, so concurrent issuances share one group commit."""
         try:
             issuance = self._build_delegation(grantor, name, grants, ttl, task, objective, kind)
-        except (DelegationRefused, BadRequest, PermissionDenied) as e:
-            request = {"agent": name, "grants": list(grants), "ttl": ttl, "task": task}
+        except REFUSALS as e:
             with contextlib.suppress(Exception):  # the refusal is raised either way
-                await self.recorder.arecord(self._refusal(e, str(grantor.subject), None, request))
+                await self.recorder.arecord(
+                    _delegation_refusal(e, grantor, name, grants, ttl, task)
+                )
             raise
         await self._arecord(issuance.event)
         if not self.store.is_known(issuance.identity[0]):
