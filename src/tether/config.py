@@ -35,6 +35,7 @@ __all__ = [
     "DataDir",
     "parse_duration",
     "resolve_data_dir",
+    "write_private",
 ]
 
 DEFAULT_ADDR = "127.0.0.1:7800"
@@ -70,6 +71,23 @@ def parse_duration(text: str | float | int) -> float:
     if pos != len(s) or total <= 0:
         raise ConfigError(f"not a duration: {text!r} (use e.g. 30s, 15m, 1h30m)")
     return total
+
+
+def write_private(path: Path, data: str | bytes, *, overwrite: bool = True) -> bool:
+    """Write ``path`` readable by its owner only (0600).
+
+    With ``overwrite=False`` an existing file is left alone and ``False`` is returned (keys
+    and credentials are never replaced). An existing file is brought back to 0600.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(data.encode() if isinstance(data, str) else data)
+    return True
 
 
 def validate_trust_domain(td: str) -> str:

@@ -17,14 +17,13 @@ from typing import Any
 
 import httpx
 
-from tether.config import DataDir
+from tether.config import DataDir, write_private
 from tether.errors import AuthenticationError, ConfigError, TetherError
+from tether.identity.exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_USER_CREDENTIAL
 from tether.identity.jws import decode_unverified
 
 __all__ = ["ApiClient", "ApiError"]
 
-TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN, not a secret
-USER_CREDENTIAL = "urn:tether:params:oauth:token-type:user-credential"
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 
 
@@ -128,17 +127,15 @@ class ApiClient:
             "POST",
             "/v1/token",
             form={
-                "grant_type": TOKEN_EXCHANGE,
+                "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
                 "subject_token": credential,
-                "subject_token_type": USER_CREDENTIAL,
+                "subject_token_type": TOKEN_TYPE_USER_CREDENTIAL,
             },
         )
         token = str(doc["access_token"])
         try:
             tmp = cache.with_suffix(".tmp")
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(token)
+            write_private(tmp, token)
             tmp.replace(cache)
         except OSError:
             pass  # caching is an optimisation

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -16,8 +15,9 @@ from rich.tree import Tree
 
 from tether.cli import audit as audit_cli
 from tether.cli.client import ApiClient, read_token_file
-from tether.config import DataDir, resolve_data_dir
+from tether.config import DataDir, resolve_data_dir, write_private
 from tether.errors import TetherError
+from tether.identity.exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_JWT
 
 __all__ = ["app", "main"]
 
@@ -149,9 +149,9 @@ def delegate(
     try:
         grantor = read_token_file(from_token) if from_token else client.user_token()
         form: dict[str, Any] = {
-            "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+            "grant_type": GRANT_TYPE_TOKEN_EXCHANGE,
             "subject_token": grantor,
-            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "subject_token_type": TOKEN_TYPE_JWT,
             "agent": agent,
             "grant": grant or [],
         }
@@ -164,9 +164,7 @@ def delegate(
     finally:
         client.close()
     if out_file:
-        fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(doc["token"] + "\n")
+        write_private(out_file, doc["token"] + "\n")
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -333,16 +331,12 @@ def svid_x509(
     finally:
         client.close()
     out_dir.mkdir(parents=True, exist_ok=True)
-    key_path = out_dir / "svid.key"
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    write_private(out_dir / "svid.key", pem)
     (out_dir / "svid.pem").write_text(doc["chain_pem"])
     out.print(
         f"X.509-SVID for [bold]{doc['spiffe_id']}[/] until {_when(doc['expires_at'])} in {out_dir}"

@@ -24,6 +24,11 @@ import tether
 from tether.config import parse_duration
 from tether.errors import AuthenticationError, BadRequest, ConfigError, TetherError
 from tether.identity.claims import TokenClaims
+from tether.identity.exchange import (
+    GRANT_TYPE_TOKEN_EXCHANGE,
+    TOKEN_TYPE_JWT,
+    TOKEN_TYPE_USER_CREDENTIAL,
+)
 from tether.server import routes_audit
 from tether.server.deps import authenticated, get_services
 from tether.server.services import Services
@@ -31,10 +36,6 @@ from tether.server.services import Services
 __all__ = ["create_app"]
 
 log = logging.getLogger("tether.server")
-
-GRANT_TYPE_TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN, not a secret
-TOKEN_TYPE_JWT = "urn:ietf:params:oauth:token-type:jwt"  # noqa: S105 - a URN, not a secret
-TOKEN_TYPE_USER_CREDENTIAL = "urn:tether:params:oauth:token-type:user-credential"  # noqa: S105 - a URN, not a secret
 
 
 def error_response(status: int, code: str, description: str) -> JSONResponse:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 from tether.audit.log import AuditLog
 from tether.audit.note import NoteSigner
 from tether.clock import Clock, SystemClock
-from tether.config import Config, DataDir, validate_trust_domain
+from tether.config import Config, DataDir, validate_trust_domain, write_private
 from tether.errors import ConfigError
 from tether.events import Event
 from tether.identity.authority import ADMIN_GRANTS, Authority
@@ -32,17 +31,6 @@ class InitResult:
     admin_credential_path: Path
 
 
-def _write_private(path: Path, data: str) -> bool:
-    """Create ``path`` 0600 with ``data``; never overwrite. Returns False if it existed."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(data)
-    return True
-
-
 def init_data_dir(root: Path, trust_domain: str, admin_user: str = "admin") -> InitResult:
     """Create a data directory, its keys, store and first admin user. Idempotent: never
     overwrites keys or credentials; refuses a different trust domain for an existing one."""
@@ -50,7 +38,6 @@ def init_data_dir(root: Path, trust_domain: str, admin_user: str = "admin") -> I
     dd = DataDir(root)
     created = not dd.exists()
     if created:
-        dd.ensure_private_dirs()
         dd.write_config(Config(trust_domain=trust_domain, admin_user=admin_user))
     config = dd.load_config()
     if config.trust_domain != trust_domain:
@@ -67,7 +54,7 @@ def init_data_dir(root: Path, trust_domain: str, admin_user: str = "admin") -> I
             credential = "tether_uc_" + secrets.token_urlsafe(32)
             store.add_user(config.admin_user, credential, ADMIN_GRANTS, 0)
             cred_path.unlink(missing_ok=True)
-            _write_private(cred_path, credential + "\n")
+            write_private(cred_path, credential + "\n", overwrite=False)
     finally:
         store.close()
     if created:
