@@ -203,6 +203,16 @@ class DataDir:
         return self.root / "audit.db"
 
     @property
+    def policies(self) -> Path:
+        """Cedar policies (``*.cedar``) and ``boundaries.toml`` (groups, limits); live-reloaded."""
+        return self.root / "policies"
+
+    @property
+    def limits_db_path(self) -> Path:
+        """Group-limit reservations, shared by every process on this data directory."""
+        return self.root / "limits.db"
+
+    @property
     def socket_path(self) -> Path:
         return self.root / "tether.sock"
 

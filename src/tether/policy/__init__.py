@@ -1,0 +1,1 @@
+"""Decision core: Cedar policies, decision boundaries, approvals, JIT grants, group limits."""
