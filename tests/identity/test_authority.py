@@ -135,3 +135,28 @@ async def test_async_issuance_fails_closed_and_records_refusals(
     rec.fail = True
     with pytest.raises(RecordFailed):
         await auth.adelegate(admin, "planner", ["model:*"])
+
+
+def test_labels_are_inherited_and_cannot_be_dropped(services: Services, admin_token: str) -> None:
+    """Labels put agents in groups; a child that could shed its grantor's label would escape
+    the group's limits, so a child keeps every label and may only add."""
+    v = services.verifier
+    admin = v.verify(admin_token)
+    lead = v.verify(
+        services.authority.delegate(admin, "lead", ["tool:db.*"], labels=["swarm"]).token
+    )
+    assert lead.labels == ("swarm",)
+    child = v.verify(
+        services.authority.delegate(lead, "child", ["tool:db.add_index"], labels=["indexer"]).token
+    )
+    assert child.labels == ("swarm", "indexer")
+    bare = v.verify(services.authority.delegate(lead, "bare", ["tool:db.add_index"]).token)
+    assert bare.labels == ("swarm",)
+    assert bare.summary()["labels"] == ["swarm"]
+
+
+@pytest.mark.parametrize("bad", ["Upper", "", "x" * 64, "sp ace", "semi;colon"])
+def test_invalid_labels_are_refused(services: Services, admin_token: str, bad: str) -> None:
+    admin = services.verifier.verify(admin_token)
+    with pytest.raises(BadRequest, match="label"):
+        services.authority.delegate(admin, "x", [], labels=[bad])

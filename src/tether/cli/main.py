@@ -135,6 +135,10 @@ def delegate(
     task: Annotated[
         str | None, typer.Option(help="Task id (default: the grantor's, or new).")
     ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", help="Group label, repeatable; children keep their grantor's."),
+    ] = None,
     from_token: Annotated[
         str | None, typer.Option("--from-token", help="Delegate from this agent token file.")
     ] = None,
@@ -154,6 +158,7 @@ def delegate(
             "subject_token_type": TOKEN_TYPE_JWT,
             "agent": agent,
             "grant": grant or [],
+            "label": label or [],
         }
         for k, v in (("ttl", ttl), ("objective", objective), ("task", task)):
             if v is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -113,6 +114,27 @@ def _delegation_refusal(
 ) -> Event:
     request = {"agent": name, "grants": [str(g) for g in grants], "ttl": ttl, "task": task}
     return _refusal(error, str(grantor.subject), None, request)
+
+
+_LABEL = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+MAX_LABELS = 16
+
+
+def _inherit_labels(held: tuple[str, ...], asked: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """A child keeps every label of its grantor and may add more: labels put agents in groups,
+    and group limits must not be escaped by delegating to a child without the label."""
+    if not isinstance(asked, list | tuple) or not all(isinstance(x, str) for x in asked):
+        raise BadRequest("labels must be a list of strings")
+    for label in asked:
+        if not _LABEL.match(label):
+            raise BadRequest(
+                f"invalid label {label[:40]!r}: lowercase letters, digits, '.', '_' and '-', "
+                "at most 63 characters"
+            )
+    out = tuple(dict.fromkeys((*held, *asked)))
+    if len(out) > MAX_LABELS:
+        raise BadRequest(f"too many labels ({len(out)} > {MAX_LABELS})")
+    return out
 
 
 def objective_digest(objective: str) -> str:
@@ -224,10 +246,13 @@ class Authority:
         task: str | None = None,
         objective: str | None = None,
         kind: IdentityKind = "agent",
+        labels: list[str] | tuple[str, ...] = (),
     ) -> IssuedToken:
         """Issue a token for agent ``name`` delegated from ``grantor`` (already verified)."""
         try:
-            issuance = self._build_delegation(grantor, name, grants, ttl, task, objective, kind)
+            issuance = self._build_delegation(
+                grantor, name, grants, ttl, task, objective, kind, labels
+            )
         except REFUSALS as e:
             with contextlib.suppress(Exception):  # the refusal is raised either way
                 self.recorder.record(_delegation_refusal(e, grantor, name, grants, ttl, task))
@@ -246,11 +271,14 @@ class Authority:
         task: str | None = None,
         objective: str | None = None,
         kind: IdentityKind = "agent",
+        labels: list[str] | tuple[str, ...] = (),
     ) -> IssuedToken:
         """:meth:`delegate` for async callers: waits for the durable record without blocking
         the event loop, so concurrent issuances share one group commit."""
         try:
-            issuance = self._build_delegation(grantor, name, grants, ttl, task, objective, kind)
+            issuance = self._build_delegation(
+                grantor, name, grants, ttl, task, objective, kind, labels
+            )
         except REFUSALS as e:
             with contextlib.suppress(Exception):  # the refusal is raised either way
                 await self.recorder.arecord(
@@ -271,6 +299,7 @@ class Authority:
         task: str | None,
         objective: str | None,
         kind: IdentityKind,
+        labels: list[str] | tuple[str, ...] = (),
     ) -> _Issuance:
         """Check every rule and sign; no I/O. The caller records, then returns the token."""
         if kind not in ("agent", "beam"):
@@ -291,6 +320,7 @@ class Authority:
         if not isinstance(grants, list | tuple) or not all(isinstance(g, str) for g in grants):
             raise BadRequest("grants must be a list of 'KIND:PATTERN' strings")
         granted = parse_grants(tuple(grants)).attenuate(grantor.grants)
+        all_labels = _inherit_labels(grantor.labels, labels)
 
         now = self.clock.now()
         remaining = grantor.expires_at - now
@@ -327,6 +357,7 @@ class Authority:
             if objective is not None
             else grantor.objective_sha256,
             issued_at_ms=int(now * 1000),
+            labels=all_labels,
         )
         event = Event(
             type="identity.issued",
@@ -342,6 +373,7 @@ class Authority:
                 "chain_jti": list(claims.chain_jti),
                 "depth": claims.depth,
                 "objective_sha256": claims.objective_sha256,
+                **({"labels": list(all_labels)} if all_labels else {}),
             },
             bodies={"objective": objective.encode()} if objective is not None else {},
         )

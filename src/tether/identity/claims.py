@@ -67,6 +67,7 @@ class TokenClaims:
     task: str | None = None
     objective_sha256: str | None = None
     issued_at_ms: int = 0
+    labels: tuple[str, ...] = ()  # group labels; a child keeps all of its grantor's
 
     @property
     def depth(self) -> int:
@@ -103,6 +104,8 @@ class TokenClaims:
             ext["task"] = self.task
         if self.objective_sha256 is not None:
             ext["objective_sha256"] = self.objective_sha256
+        if self.labels:
+            ext["labels"] = list(self.labels)
         payload["tether"] = ext
         return payload
 
@@ -130,6 +133,9 @@ class TokenClaims:
                 raise InvalidToken("delegation chain and chain_jti disagree")
             task = ext.get("task")
             obj = ext.get("objective_sha256")
+            labels = ext.get("labels", [])
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise InvalidToken("labels claim must be a list of strings")
             for name, value in (
                 ("iat", payload["iat"]),
                 ("nbf", payload["nbf"]),
@@ -151,6 +157,7 @@ class TokenClaims:
                 task=None if task is None else str(task),
                 objective_sha256=None if obj is None else str(obj),
                 issued_at_ms=int(ext.get("iat_ms", payload["iat"] * 1000)),
+                labels=tuple(labels),
             )
         except InvalidToken:
             raise
@@ -169,6 +176,7 @@ class TokenClaims:
             "grants": self.grants.to_list(),
             "task": self.task,
             "objective_sha256": self.objective_sha256,
+            "labels": list(self.labels),
             "chain": [
                 {"spiffe_id": str(g), "token_id": j}
                 for g, j in zip(self.grantors, self.chain_jti, strict=True)

@@ -256,6 +256,7 @@ def create_app(services: Services) -> FastAPI:
             ttl=ttl,
             task=_one(params, "task"),
             objective=_one(params, "objective"),
+            labels=list(params.get("label", [])),
         )
         return JSONResponse(issued.response(), headers={"Cache-Control": "no-store"})
 
