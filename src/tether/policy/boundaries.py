@@ -251,7 +251,7 @@ class BoundariesSource(Protocol):
 
 def _header_line(text: str, section: str, name: str) -> int | None:
     pat = re.compile(
-        rf'^\s*\[\s*{re.escape(section)}\s*\.\s*(?:"{re.escape(name)}"|\'{re.escape(name)}\''
+        rf'^[ \t]*\[\s*{re.escape(section)}\s*\.\s*(?:"{re.escape(name)}"|\'{re.escape(name)}\''
         rf"|{re.escape(name)})\s*\]",
         re.MULTILINE,
     )
@@ -260,11 +260,11 @@ def _header_line(text: str, section: str, name: str) -> int | None:
 
 
 def _key_line(text: str, section: str, key: str) -> int | None:
-    m = re.search(rf"^\s*\[\s*{re.escape(section)}\s*\]", text, re.MULTILINE)
+    m = re.search(rf"^[ \t]*\[\s*{re.escape(section)}\s*\]", text, re.MULTILINE)
     if m is None:
         return None
     k = re.compile(
-        rf'^\s*(?:"{re.escape(key)}"|\'{re.escape(key)}\'|{re.escape(key)})\s*=', re.MULTILINE
+        rf'^[ \t]*(?:"{re.escape(key)}"|\'{re.escape(key)}\'|{re.escape(key)})\s*=', re.MULTILINE
     )
     km = k.search(text, m.end())
     return None if km is None else text.count("\n", 0, km.start()) + 1

@@ -53,7 +53,7 @@ class _Compiled:
 
     def groups_of(self, claims: TokenClaims) -> frozenset[str]:
         direct: set[str] = set()
-        for label in getattr(claims, "labels", ()):
+        for label in claims.labels:
             direct |= self.by_label.get(label, frozenset())
         if self.grant_rules:
             texts = [str(g) for g in claims.grants.items]
