@@ -185,7 +185,8 @@ class LimitDef:
 
     def show_amount(self, value: int) -> str:
         if self.unit == "usd":
-            return f"${Decimal(value) / USD_SCALE:f}"
+            places = 2 if value % 10_000 == 0 else 6
+            return f"${Decimal(value) / USD_SCALE:.{places}f}"
         return str(value)
 
     def describe(self) -> str:
