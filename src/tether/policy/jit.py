@@ -19,8 +19,9 @@ it holds), invalidated at once by any change made in this process.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from tether.audit.canonical import canonical_json
@@ -38,6 +39,7 @@ DEFAULT_JIT_QUORUM = "1 of human"
 DEFAULT_MAX_TTL = 8 * 3600.0
 DEFAULT_CACHE_TTL = 1.0
 JIT_POLICY_VERSION = "jit"
+_TASK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 _Key = tuple[str, tuple[str, ...], str | None]
 
@@ -128,11 +130,20 @@ class JitGrants:
         grants: list[str],
         reason: str,
         ttl: float | int | str,
+        *,
+        task: str | None = None,
     ) -> ApprovalRecord:
-        """Ask for ``grants`` for ``ttl`` (seconds or ``"30m"``). Returns the request: a new
-        pending one, the pending one for the same grants, or an approved one in force that
-        already covers them. Raises BadRequest for malformed grants, negative budgets, an empty
-        reason or a lifetime over ``max_ttl``."""
+        """Ask for ``grants`` for ``ttl`` (seconds or ``"30m"``), for the token's task or, when
+        the token has none, for ``task`` if given. Returns the request: a new pending one, the
+        pending one for the same grants, or an approved one in force that already covers them.
+        Raises BadRequest for malformed grants, negative budgets, an empty reason, a task other
+        than the token's, or a lifetime over ``max_ttl``."""
+        if task is not None and task != claims.task:
+            if claims.task is not None:
+                raise BadRequest(f"this token is bound to task {claims.task!r}, not {task[:64]!r}")
+            if not isinstance(task, str) or not _TASK.match(task):
+                raise BadRequest("task must be 1-128 of letters, digits, '.', '_', ':', '-'")
+            claims = replace(claims, task=task)
         asked = Grants.parse(grants)
         if not asked.items and not asked.budget.items():
             raise BadRequest("ask for at least one grant (KIND:PATTERN or budget:UNIT=N)")
