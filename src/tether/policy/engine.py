@@ -72,6 +72,7 @@ __all__ = [
     "combine_quorums",
     "load_policies",
     "read_policy_dir",
+    "read_policy_file",
     "split_policies",
 ]
 
@@ -201,6 +202,11 @@ def _locate_parse_error(chunk: _Chunk) -> tuple[int, str]:
     except ValueError as e:
         whole = str(e)
     lines = chunk.text.split("\n")
+    dup = re.fullmatch(r"duplicate annotation: @(\w+)", whole)
+    if dup:  # point at the second occurrence
+        hits = [i for i, ln in enumerate(lines) if re.search(rf"@{dup.group(1)}\b", ln)]
+        if len(hits) > 1:
+            return chunk.line + hits[1], whole
     for k in range(1, len(lines)):
         try:
             cedarpy.PolicySet.from_str("\n".join(lines[:k]))
@@ -396,23 +402,7 @@ def load_policies(sources: Sequence[PolicySource]) -> LoadedPolicies:
     by_cedar_id = {f"policy{p.index}": p for p in infos}
     result = cedarpy.validate_policies(combined, schema())
     if not result.validation_passed:
-        seen: set[tuple[str, str]] = set()
-        for err in result.errors:
-            info = by_cedar_id.get(err.policy_id)
-            msg = err.error
-            line: int | None
-            if info is None:
-                file, line = "<policy set>", None
-            else:
-                file, _, ln = info.location.rpartition(":")
-                line = int(ln)
-                msg = msg.replace(f"`{err.policy_id}`", f"`{info.id}`")
-                msg = msg.removeprefix(f"for policy `{info.id}`, ")
-            if (info.location if info else "", msg) in seen:
-                continue
-            seen.add((info.location if info else "", msg))
-            problems.append(PolicyProblem(file, line, f"invalid against the schema: {msg}"))
-        raise PolicyError(problems)
+        raise PolicyError(_validation_problems(result.errors, by_cedar_id))
     policy_set = cedarpy.PolicySet.from_str(combined)
     if len(policy_set) != len(infos):  # pragma: no cover - guards the id mapping
         raise PolicyError([PolicyProblem("<policy set>", None, "policy count mismatch")])
@@ -430,6 +420,36 @@ def load_policies(sources: Sequence[PolicySource]) -> LoadedPolicies:
         h.hexdigest(),
         tuple(s.name for s in sources),
     )
+
+
+_IDENTITY_TYPE_IN_MSG = re.compile(r"entity type `Tether::(?:User|Agent|Beam|Service)`")
+
+
+def _validation_problems(
+    errors: Iterable[cedarpy.ValidationError], by_cedar_id: Mapping[str, PolicyInfo]
+) -> list[PolicyProblem]:
+    """Cedar's validation errors located at FILE:LINE. One error reported once per identity
+    type (``principal.x`` on four types) is folded into one line."""
+    problems: list[PolicyProblem] = []
+    seen: set[tuple[str, str]] = set()
+    for err in errors:
+        info = by_cedar_id.get(err.policy_id)
+        msg = err.error
+        line: int | None = None
+        file = "<policy set>"
+        if info is not None:
+            file, _, ln = info.location.rpartition(":")
+            line = int(ln)
+            msg = msg.replace(f"`{err.policy_id}`", f"`{info.id}`")
+            msg = msg.removeprefix(f"for policy `{info.id}`, ")
+        key = (file + str(line), _IDENTITY_TYPE_IN_MSG.sub("entity type", msg))
+        if key in seen:
+            continue
+        if key[1] != msg:
+            msg = key[1].replace("entity type", "the identity types (User, Agent, Beam, Service)")
+        seen.add(key)
+        problems.append(PolicyProblem(file, line, f"invalid against the schema: {msg}"))
+    return problems
 
 
 def _annotation_problems(effect: str, ann: Mapping[str, str]) -> list[str]:
