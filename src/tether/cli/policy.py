@@ -483,10 +483,11 @@ def explain(
         out.print(f"  {escape(r)}")
     out.print(f"[dim]policy version {v['policy_version'][:16]}, {doc['policy_count']} policies[/]")
     t = Table(title="satisfied policies")
-    for col in ("policy", "location", "effect", "decided", "annotations"):
-        t.add_column(col)
+    for col in ("policy", "location", "effect", "decided", "escalate / reason"):
+        t.add_column(col, overflow="fold")
     for s in doc["satisfied"]:
-        ann = ", ".join(f"@{k}({v!r})" for k, v in s["annotations"].items() if k != "id")
+        shown = ("escalate", "reason")
+        ann = " ".join(f"@{k}({json.dumps(v)})" for k, v in s["annotations"].items() if k in shown)
         t.add_row(
             escape(s["id"]),
             escape(s["location"]),
