@@ -9,6 +9,7 @@ import pytest
 
 from tether.policy.boundaries import (
     ActionMatcher,
+    Boundaries,
     BoundariesError,
     BoundariesFile,
     load_boundaries,
@@ -210,7 +211,7 @@ def test_reload_listener_called(tmp_path: Path) -> None:
     path = tmp_path / "boundaries.toml"
     _write(path, GOOD, 0)
     live = BoundariesFile(path, check_interval=0)
-    seen = []
+    seen: list[Boundaries] = []
     live.on_reload(seen.append)
     _write(path, GOOD.replace('"5m"', '"6m"'), 1)
     assert live.check() is True
