@@ -165,3 +165,22 @@ def test_event_shape_has_action_decision_and_chain(agent: TokenClaims) -> None:
     assert ev.actor == "spiffe://example.org/agent/worker" and ev.session == agent.task
     assert ev.data["chain"] == ["spiffe://example.org/user/admin"]
     assert ev.data["decision"]["outcome"] == "allow" and ev.data["status"] == 200
+
+
+async def test_async_decide_matches_sync_and_fails_closed(agent: TokenClaims) -> None:
+    core = DecisionCore(GrantsAuthorizer(), limiter=CountingLimiter(cap=1))
+    a = Action("llm.invoke", agent, "gpt-4o")
+    assert (await core.adecide(a)).allowed
+    assert (await core.adecide(a)).outcome == "deny"  # the limit, checked off the loop
+    broken = await DecisionCore(BrokenAuthorizer()).adecide(a)
+    assert broken.outcome == "deny" and broken.policies == ("tether:fail-closed",)
+
+
+async def test_async_escalation_without_hold_returns_the_pending_request(
+    agent: TokenClaims,
+) -> None:
+    desk = Desk()
+    core = DecisionCore(EscalatingAuthorizer(), approvals=desk)
+    a = Action("tool.call", agent, "db.add_index")
+    d = await core.adecide(a, hold=0)
+    assert d.outcome == "escalate" and d.approval == "req-1"

@@ -19,6 +19,7 @@ audit entry per action with the request and response in it, and one shape for ev
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -93,14 +94,17 @@ class DecisionCore:
             digest = action.digest()
             return self._decide(action, digest)
         except Exception as e:  # fail closed, whatever broke
-            log.warning("decision check failed for %s: %s", action.type, type(e).__name__)
-            return Decision(
-                "deny",
-                digest,
-                (f"a decision check failed ({type(e).__name__}: {e}); denied (fail closed)",),
-                ("tether:fail-closed",),
-                self._version_or_blank(),
-            )
+            return self._failed(action, digest, e)
+
+    def _failed(self, action: Action, digest: str, e: Exception) -> Decision:
+        log.warning("decision check failed for %s: %s", action.type, type(e).__name__)
+        return Decision(
+            "deny",
+            digest,
+            (f"a decision check failed ({type(e).__name__}: {e}); denied (fail closed)",),
+            ("tether:fail-closed",),
+            self._version_or_blank(),
+        )
 
     def _version_or_blank(self) -> str:
         try:
@@ -129,9 +133,29 @@ class DecisionCore:
         return action
 
     def _decide(self, action: Action, digest: str) -> Decision:
+        action, groups, verdict = self._authorize(action)
+        return self._boundaries(action, groups, verdict, digest)
+
+    def _authorize(self, action: Action) -> tuple[Action, frozenset[str], Verdict]:
+        """The in-memory part: JIT grants, groups, Cedar."""
         action = self._with_jit(action)
         groups = self.groups.groups_of(action.principal) if self.groups else frozenset()
-        verdict = self.authorizer.authorize(action, groups)
+        return action, groups, self.authorizer.authorize(action, groups)
+
+    def _needs_io(self, action: Action, groups: frozenset[str], verdict: Verdict) -> bool:
+        """Will the boundaries step touch a store (approvals, a group limit)?"""
+        if verdict.outcome == "deny":
+            return False
+        if verdict.outcome == "escalate":
+            return True
+        if self.limiter is None:
+            return False
+        applies = getattr(self.limiter, "applies", None)
+        return True if applies is None else bool(applies(action, groups))
+
+    def _boundaries(
+        self, action: Action, groups: frozenset[str], verdict: Verdict, digest: str
+    ) -> Decision:
         version = verdict.policy_version
         if verdict.outcome == "deny":
             return Decision("deny", digest, verdict.reasons, verdict.policies, version)
@@ -197,9 +221,12 @@ class DecisionCore:
         )
 
     async def adecide(self, action: Action, hold: float = 0.0) -> Decision:
-        """``decide``, and for an escalation optionally hold up to ``hold`` seconds for the
-        approval; once approved, decide again (which consumes the approval)."""
-        decision = self.decide(action)
+        """``decide`` for the event loop: policy runs inline (it is in memory); the boundary
+        step runs in a worker thread only when it will touch a store (an escalation, a group
+        limit that applies), so the common allow never leaves the loop. For an escalation,
+        optionally hold up to ``hold`` seconds for the approval; once approved, decide again
+        (which consumes the approval)."""
+        decision = await self._adecide_once(action)
         if decision.outcome != "escalate" or hold <= 0 or decision.approval is None:
             return decision
         wait = getattr(self.approvals, "wait", None)
@@ -213,7 +240,7 @@ class DecisionCore:
             log.warning("waiting for approval failed: %s", type(e).__name__)
             return decision
         if state == "approved":
-            return self.decide(action)
+            return await self._adecide_once(action)
         if state == "denied":
             return Decision(
                 "deny",
@@ -224,6 +251,17 @@ class DecisionCore:
                 approval=decision.approval,
             )
         return decision
+
+    async def _adecide_once(self, action: Action) -> Decision:
+        digest = ""
+        try:
+            digest = action.digest()
+            action, groups, verdict = self._authorize(action)
+            if not self._needs_io(action, groups, verdict):
+                return self._boundaries(action, groups, verdict, digest)
+            return await asyncio.to_thread(self._boundaries, action, groups, verdict, digest)
+        except Exception as e:
+            return self._failed(action, digest, e)
 
     def settle(self, decision: Decision, actual: Cost | None) -> None:
         """Settle the decision's group-limit reservation with the action's real cost

@@ -29,8 +29,11 @@ from tether.identity.exchange import (
     TOKEN_TYPE_JWT,
     TOKEN_TYPE_USER_CREDENTIAL,
 )
+from tether.identity.spiffe import SpiffeId
+from tether.policy.action import Action
 from tether.server import routes_audit
 from tether.server.deps import authenticated, get_services
+from tether.server.routes_approvals import approvals_router
 from tether.server.services import Services
 
 __all__ = ["create_app"]
@@ -179,6 +182,8 @@ def create_app(services: Services) -> FastAPI:
         description="Trust plane for AI agents: delegated identity and tamper-evident audit.",
     )
     app.state.tether = services
+    app.state.approvals = services.approvals
+    app.state.jit = services.jit
 
     @app.exception_handler(TetherError)
     async def _tether_error(_: Request, exc: TetherError) -> JSONResponse:
@@ -249,14 +254,19 @@ def create_app(services: Services) -> FastAPI:
         grants = list(params.get("grant", []))
         for scope in params.get("scope", []):
             grants += scope.split()
+        labels = list(params.get("label", []))
+        task = _one(params, "task")
+        refused = await _decide_delegation(svc, grantor, agent, grants, labels, task, ttl_text)
+        if refused is not None:
+            return refused
         issued = await svc.authority.adelegate(
             grantor,
             agent,
             grants,
             ttl=ttl,
-            task=_one(params, "task"),
+            task=task,
             objective=_one(params, "objective"),
-            labels=list(params.get("label", [])),
+            labels=labels,
         )
         return JSONResponse(issued.response(), headers={"Cache-Control": "no-store"})
 
@@ -299,8 +309,38 @@ def create_app(services: Services) -> FastAPI:
         }
 
     app.include_router(routes_audit.router)
+    app.include_router(approvals_router())
     app.add_middleware(BodyLimit, limit=services.config.max_body_bytes)
     return app
+
+
+async def _decide_delegation(
+    svc: Services,
+    grantor: TokenClaims,
+    agent: str,
+    grants: list[str],
+    labels: list[str],
+    task: str | None,
+    ttl: str | None,
+) -> JSONResponse | None:
+    """Delegation is an ``identity.delegate`` Action: policy may forbid or escalate it before
+    the authority checks attenuation. A refusal is recorded (fail closed) and answered 403."""
+    target = str(SpiffeId(svc.config.trust_domain, "agent", agent))  # 400 if malformed
+    action = Action(
+        "identity.delegate",
+        grantor,
+        target,
+        arguments={"grants": grants, "labels": labels, "task": task, "ttl": ttl},
+        context={"depth": grantor.depth + 1},
+    )
+    decision = svc.core.decide(action)
+    if decision.allowed:
+        return None
+    await svc.audit.arecord(svc.core.event(action, decision))
+    detail = "; ".join(decision.reasons)
+    if decision.outcome == "escalate":
+        detail = f"delegation needs approval {decision.approval} ({decision.quorum}): {detail}"
+    return error_response(403, "access_denied", detail)
 
 
 def _parse_ttl(text: str) -> float:

@@ -17,7 +17,15 @@ from tether.identity.bundle import TrustBundle, build_bundle, parse_bundle
 from tether.identity.keys import KeySet, load_or_create_keys
 from tether.identity.revocation import RevocationList
 from tether.identity.verifier import Verifier
+from tether.policy.approvals import Approvals
+from tether.policy.boundaries import BoundariesFile
+from tether.policy.core import DecisionCore
+from tether.policy.engine import PolicyEngine
+from tether.policy.groups import Groups
+from tether.policy.jit import DEFAULT_JIT_QUORUM, JitGrants
+from tether.policy.limits import SqliteLimiter
 from tether.store import Store
+from tether.store.approvals import ApprovalStore
 from tether.store.revocations import RevocationPoller
 
 __all__ = ["InitResult", "Services", "init_data_dir"]
@@ -46,6 +54,7 @@ def init_data_dir(root: Path, trust_domain: str, admin_user: str = "admin") -> I
             hint="use another --data-dir for another trust domain",
         )
     dd.ensure_private_dirs()
+    dd.policies.mkdir(exist_ok=True)
     keys, _ = load_or_create_keys(dd.keys, config.trust_domain, config.audit_origin)
     store = Store(dd.db_path)
     cred_path = dd.credentials / config.admin_user
@@ -106,6 +115,34 @@ class Services:
         self.authority = Authority(
             self.config, self.keys, self.store, self.audit, self.revocations, self.clock
         )
+        self._build_decision_core()
+
+    def _build_decision_core(self) -> None:
+        """Policy (Cedar, live reload), groups and limits (boundaries.toml, exact across
+        processes), approvals and JIT grants, composed into the one decision core."""
+        policy_conf = self.config.extra.get("policy", {})
+        self.data_dir.policies.mkdir(exist_ok=True)
+        self.policy = PolicyEngine.from_data_dir(self.data_dir)
+        self.boundaries = BoundariesFile(self.data_dir.policies / "boundaries.toml")
+        self.groups = Groups(self.boundaries)
+        self.limiter = SqliteLimiter(
+            self.data_dir.limits_db_path, self.boundaries, clock=self.clock
+        )
+        self.approval_store = ApprovalStore(self.data_dir.db_path)
+        self.approvals = Approvals(
+            self.approval_store, self.audit, groups_of=self.groups.groups_of, clock=self.clock
+        )
+        self.jit = JitGrants(
+            self.approvals, quorum=str(policy_conf.get("jit_quorum", DEFAULT_JIT_QUORUM))
+        )
+        self.core = DecisionCore(
+            self.policy,
+            groups=self.groups,
+            limiter=self.limiter,
+            approvals=self.approvals,
+            extra_grants=self.jit.active_grants,
+            clock=self.clock,
+        )
 
     def __repr__(self) -> str:
         return f"Services(data_dir={str(self.data_dir.root)!r})"
@@ -117,5 +154,7 @@ class Services:
 
     def close(self) -> None:
         self.poller.close()
+        self.limiter.close()
+        self.approval_store.close()
         self.audit.close()
         self.store.close()
