@@ -64,6 +64,10 @@ class GroupIndex(Protocol):
 
 
 class Limiter(Protocol):
+    def applies(self, action: Action, groups: frozenset[str]) -> bool:
+        """Would ``reserve`` count this action against any limit? (In memory, no I/O.)"""
+        ...
+
     def reserve(
         self, action: Action, groups: frozenset[str], *, force: bool = False
     ) -> LimitResult:

@@ -201,6 +201,14 @@ class SqliteLimiter:
 
     # -- reserve --------------------------------------------------------------------------
 
+    def applies(self, action: Action, groups: frozenset[str]) -> bool:
+        """Would ``reserve`` touch the store for this action? (In memory; lets async callers
+        keep actions no limit counts on the event loop.) True when unsure."""
+        try:
+            return bool(charges_for(self._source.current(), action, groups))
+        except Exception:
+            return True
+
     def reserve(
         self, action: Action, groups: frozenset[str], *, force: bool = False
     ) -> LimitResult:
