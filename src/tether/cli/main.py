@@ -14,6 +14,8 @@ from rich.table import Table
 from rich.tree import Tree
 
 from tether.cli import audit as audit_cli
+from tether.cli.approvals import approvals_app, request_cmd
+from tether.cli.policy import policy_app
 from tether.cli.client import ApiClient, read_token_file
 from tether.config import DataDir, resolve_data_dir, write_private
 from tether.errors import TetherError
@@ -33,6 +35,9 @@ svid_app = typer.Typer(help="Obtain SVIDs.", no_args_is_help=True)
 app.add_typer(identities_app, name="identities")
 app.add_typer(svid_app, name="svid")
 app.add_typer(audit_cli.app, name="audit", help="Inspect and verify the tamper-evident audit log.")
+app.add_typer(policy_app, name="policy")
+app.add_typer(approvals_app, name="approvals")
+app.command("request")(request_cmd)
 
 out = Console()
 err = Console(stderr=True)
