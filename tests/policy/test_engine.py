@@ -620,3 +620,11 @@ def test_split_policies_knows_strings_and_comments() -> None:
     parts = split_policies(text)
     assert [line for line, _ in parts] == [2, 5]
     assert parts[0][1].endswith('== ";" };')
+
+
+def test_the_documented_examples_are_valid() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "policy.md").read_text()
+    block = re.search(r"## Examples\n\n```cedar\n(.*?)```", doc, re.S)
+    assert block is not None
+    loaded = load_policies([PolicySource("examples.cedar", block.group(1))])
+    assert len(loaded) == 6
