@@ -258,6 +258,8 @@ def _wait_http(url: str, token: str, proc: subprocess.Popen[bytes] | None, timeo
             r = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=2)
             if r.status_code == 200:
                 return
+            if r.status_code in (404, 405):
+                raise RuntimeError(f"{url}: {r.status_code}: the LLM routes are not served there")
             last = f"{r.status_code} {r.text[:200]}"
         except httpx.HTTPError as e:
             last = repr(e)
