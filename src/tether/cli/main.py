@@ -15,8 +15,8 @@ from rich.tree import Tree
 
 from tether.cli import audit as audit_cli
 from tether.cli.approvals import approvals_app, request_cmd
-from tether.cli.policy import policy_app
 from tether.cli.client import ApiClient, read_token_file
+from tether.cli.policy import policy_app
 from tether.config import DataDir, resolve_data_dir, write_private
 from tether.errors import TetherError
 from tether.identity.exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_JWT
@@ -31,8 +31,10 @@ app = typer.Typer(
     add_completion=False,
 )
 identities_app = typer.Typer(help="List the identities Tether knows.", no_args_is_help=True)
+users_app = typer.Typer(help="Manage users (humans).", no_args_is_help=True)
 svid_app = typer.Typer(help="Obtain SVIDs.", no_args_is_help=True)
 app.add_typer(identities_app, name="identities")
+app.add_typer(users_app, name="users")
 app.add_typer(svid_app, name="svid")
 app.add_typer(audit_cli.app, name="audit", help="Inspect and verify the tamper-evident audit log.")
 app.add_typer(policy_app, name="policy")
@@ -205,6 +207,33 @@ def whoami(
         print(json.dumps(doc, indent=2))
     else:
         _print_identity(doc)
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="User name (spiffe://TD/user/NAME).")],
+    grant: Annotated[
+        list[str] | None, typer.Option("--grant", help="KIND:PATTERN, repeatable.")
+    ] = None,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Add a user (admin only). Their credential goes to DATA_DIR/credentials/NAME (0600);
+    act as them with TETHER_USER=NAME."""
+    client = _client(data_dir)
+    try:
+        doc = client.request(
+            "POST",
+            "/v1/users",
+            token=client.user_token(),
+            json_body={"name": name, "grants": grant or []},
+        )
+    except TetherError as e:
+        fail(e)
+    finally:
+        client.close()
+    path = client.data_dir.credentials / name
+    write_private(path, doc["credential"] + "\n", overwrite=False)
+    err.print(f"added [bold green]{doc['spiffe_id']}[/]; credential written to {path}")
 
 
 @identities_app.command("ls")

@@ -409,12 +409,42 @@ class Authority:
         self.revocations.add(rev)
         return rev
 
-    def _may_revoke(self, by: TokenClaims, kind: RevocationKind, value: str) -> bool:
-        if (
+    def _is_admin(self, by: TokenClaims) -> bool:
+        """The admin user's own token (not anything it delegated)."""
+        return (
             by.subject.kind == "user"
             and by.subject.name == self.config.admin_user
             and not by.grantors
-        ):
+        )
+
+    def add_user(self, by: TokenClaims, name: str, grants: list[str]) -> str:
+        """Create a user (a human) and return its credential, shown once; only the admin may.
+        The user's grants are within the admin's. The record holds no credential."""
+        if not self._is_admin(by):
+            raise PermissionDenied("only the admin user's own token may add users")
+        subject = SpiffeId(self.config.trust_domain, "user", name)  # 400 if malformed
+        if not isinstance(grants, list) or not all(isinstance(g, str) for g in grants):
+            raise BadRequest("grants must be a list of 'KIND:PATTERN' strings")
+        granted = parse_grants(tuple(grants)).attenuate(parse_grants(tuple(ADMIN_GRANTS)))
+        if self.store.get_user(name) is not None:
+            raise BadRequest(f"user {name!r} already exists")
+        credential = "tether_uc_" + secrets.token_urlsafe(32)
+        now_ms = int(self.clock.now() * 1000)
+        self._record(
+            Event(
+                type="identity.user_added",
+                actor=str(by.subject),
+                subject=str(subject),
+                decision="allow",
+                data={"grants": granted.to_list()},
+            )
+        )
+        self.store.add_user(name, credential, granted.to_list(), now_ms)
+        self.store.ensure_identity(str(subject), "user", name, now_ms, str(by.subject))
+        return credential
+
+    def _may_revoke(self, by: TokenClaims, kind: RevocationKind, value: str) -> bool:
+        if self._is_admin(by):
             return True
         if kind == "token":
             # Without a token table we cannot know whose token an id is; only the admin, or the

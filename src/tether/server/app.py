@@ -99,6 +99,12 @@ class RevokeRequest(BaseModel):
     reason: str = Field(default="", max_length=1024)
 
 
+class UserRequest(BaseModel):
+    model_config = {"extra": "forbid"}
+    name: str = Field(min_length=1, max_length=128)
+    grants: list[str] = Field(default_factory=list, max_length=64)
+
+
 class X509Request(BaseModel):
     csr: str = Field(min_length=1, max_length=16384, description="PEM PKCS#10 request")
 
@@ -293,6 +299,17 @@ def create_app(services: Services) -> FastAPI:
 
     # Rare endpoints that touch the store or wait for a durable record are plain functions:
     # FastAPI runs them in its thread pool, so they never stall the event loop.
+    @app.post("/v1/users", tags=["identity"])
+    def add_user(body: UserRequest, svc: Svc, caller: Caller) -> JSONResponse:
+        """Add a user (a human who can approve, delegate and log in). Admin only. The
+        credential is in this response and nowhere else."""
+        credential = svc.authority.add_user(caller, body.name, body.grants)
+        spiffe_id = f"spiffe://{svc.config.trust_domain}/user/{body.name}"
+        return JSONResponse(
+            {"name": body.name, "spiffe_id": spiffe_id, "credential": credential},
+            headers={"Cache-Control": "no-store"},
+        )
+
     @app.post("/v1/revoke", tags=["identity"])
     def revoke(body: RevokeRequest, svc: Svc, caller: Caller) -> dict[str, Any]:
         rev = svc.authority.revoke(caller, body.kind, body.value, body.reason)
@@ -340,7 +357,7 @@ async def _decide_delegation(
     detail = "; ".join(decision.reasons)
     if decision.outcome == "escalate":
         detail = f"delegation needs approval {decision.approval} ({decision.quorum}): {detail}"
-    return error_response(403, "access_denied", detail)
+    return error_response(403, "permission_denied", detail)
 
 
 def _parse_ttl(text: str) -> float:
