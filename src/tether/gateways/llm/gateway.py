@@ -760,6 +760,7 @@ class LLMGateway:
         raw: list[bytes] = []
         status = "ok"
         err_note: str | None = None
+        finished = False
         try:
             if resp.status_code != 200:
                 content = await resp.aread()
@@ -789,9 +790,12 @@ class LLMGateway:
                     await pump
             if status == "ok" and not pump.cancelled():
                 status, err_note = pump.result()
+            finished = True
         finally:
             with contextlib.suppress(Exception):
                 await resp.aclose()
+            if not finished and status == "ok":
+                status = "interrupted"
             if not record.done():
                 await _settle_record(record)
             await self._finish(

@@ -24,6 +24,7 @@ __all__ = ["Upstreams", "streaming_asgi_transport"]
 ASGIApp = Callable[..., Any]
 _PATH = {"chat": "/chat/completions", "responses": "/responses", "messages": "/v1/messages"}
 ANTHROPIC_VERSION = "2023-06-01"
+CLOSE_GRACE = 2.0
 
 
 def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBaseTransport:
@@ -54,7 +55,11 @@ def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBase
                 yield chunk
 
         async def aclose(self) -> None:
-            self._closed.set()
+            self._closed.set()  # the app's receive() now says http.disconnect
+            if not self._task.done():
+                # Like a server: give the app a moment to notice and finish, then cancel it.
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(self._task), CLOSE_GRACE)
             if not self._task.done():
                 self._task.cancel()
                 with contextlib.suppress(BaseException):
