@@ -233,7 +233,8 @@ def parse_llm_config(
             kind = str(ptable.get("kind", "openai-compatible"))
             if kind not in PROVIDER_KINDS:
                 raise ConfigError(
-                    f"[llm.providers.{name}] kind {kind!r} is not one of {', '.join(PROVIDER_KINDS)}"
+                    f"[llm.providers.{name}] kind {kind!r} is not one of "
+                    + ", ".join(PROVIDER_KINDS)
                 )
             base = str(ptable.get("base_url", _DEFAULT_BASE.get(kind, ""))).rstrip("/")
             if kind != "scripted" and not base.startswith(("http://", "https://")):

@@ -120,6 +120,7 @@ class LLMGateway:
         inspectors: Sequence[Inspector] = (),
         transports: Mapping[str, httpx.AsyncBaseTransport] | None = None,
         scripted_app: Any = None,
+        owns_ledger: bool = False,
     ) -> None:
         self.settings = settings
         self.verify = verify
@@ -129,6 +130,7 @@ class LLMGateway:
         self.inspectors = tuple(inspectors)
         self.upstreams = Upstreams(settings, transports, scripted_app)
         self._background: set[asyncio.Task[Any]] = set()
+        self._owns_ledger = owns_ledger
 
     def __repr__(self) -> str:
         return f"LLMGateway(providers={sorted(self.settings.providers)!r})"
@@ -137,6 +139,8 @@ class LLMGateway:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         await self.upstreams.aclose()
+        if self._owns_ledger:
+            self.ledger.close()
 
     # -- ASGI -------------------------------------------------------------------------------
 
@@ -363,21 +367,21 @@ class LLMGateway:
         estimate, usd_est = (
             self._estimate(req, len(body), route) if route else (len(body) // CHARS_PER_TOKEN, None)
         )
-        lt = time.localtime()
+        max_tokens = (
+            req.max_tokens if req.max_tokens is not None else self.settings.default_max_tokens
+        )
+        # Only keys the Cedar schema's Context declares (the engine adds granted and hour);
+        # max_tokens is the effective cap, so omitting it cannot slip past a policy.
         action = Action(
             "llm.invoke",
             claims,
             req.model,
             arguments={"model": req.model, "tools": list(req.tools)},
             context={
-                "api": api,
-                "max_tokens": req.max_tokens,
+                "max_tokens": max_tokens,
                 "stream": req.stream,
                 "tools": list(req.tools),
                 "estimated_tokens": estimate,
-                "hour": lt.tm_hour,
-                "weekday": lt.tm_wday,
-                "provider": route.provider if route else None,
             },
             cost=Cost(tokens=estimate, usd=usd_est or Decimal(0)),
         )
@@ -519,12 +523,6 @@ class LLMGateway:
                 call.claims,
                 name,
                 arguments=arguments,
-                context={
-                    "model": call.req.model,
-                    "api": call.api,
-                    "call_id": call_id,
-                    "offered": name in call.req.tools,
-                },
             )
             hold = self.settings.escalation_hold
             decision = (

@@ -101,9 +101,14 @@ def stream_error(api: Api, err: GatewayError, seq: int = 0) -> bytes:
         return _sse({"type": "error", "error": {"type": etype, "message": err.message}}, "error")
     body = {"message": err.message, "type": "api_error", "param": None, "code": err.code}
     if api == "responses":
-        doc = {"type": "error", "error": body, "code": err.code, "message": err.message}
-        doc["param"] = None
-        doc["sequence_number"] = seq
+        doc: dict[str, Any] = {
+            "type": "error",
+            "error": body,
+            "code": err.code,
+            "message": err.message,
+            "param": None,
+            "sequence_number": seq,
+        }
         return _sse(doc, "error")
     return _sse({"error": body})
 
@@ -378,10 +383,10 @@ class MessagesGate(Gate):
                 self.usage = u
             return [ev + b"\n\n"]
         if t == "message_delta":
-            u = doc.get("usage") or {}
-            out_tok = u.get("output_tokens")
+            du = doc.get("usage") or {}
+            out_tok = du.get("output_tokens")
             if isinstance(out_tok, int):
-                inp = u.get("input_tokens")
+                inp = du.get("input_tokens")
                 self.usage = (inp if isinstance(inp, int) else self.input_tokens, out_tok)
             d = doc.get("delta") or {}
             self.finish = d.get("stop_reason")
@@ -449,14 +454,15 @@ class ResponsesGate(Gate):
         if not isinstance(doc, dict):
             raise ValueError("event data is not an object")
         t = doc.get("type")
-        oi = doc.get("output_index")
+        oi_raw = doc.get("output_index")
+        oi = oi_raw if isinstance(oi_raw, int) else -1
         if (
             t == "response.output_item.added"
             and (doc.get("item") or {}).get("type") == "function_call"
         ):
             self.held[oi] = {"events": [(doc, ev, name)]}
             return []
-        if isinstance(oi, int) and oi in self.held:
+        if oi in self.held:
             h = self.held[oi]
             h["events"].append((doc, ev, name))
             if t != "response.output_item.done":
@@ -595,13 +601,17 @@ async def gate_response(
             msg = ch.get("message") if isinstance(ch, dict) else None
             if not isinstance(msg, dict) or not msg.get("tool_calls"):
                 continue
-            kept, notes = [], []
+            kept: list[Any] = []
+            notes: list[str] = []
             for tc in msg["tool_calls"]:
                 fn = tc.get("function") or {}
                 v = await verdict(
                     str(fn.get("name", "")), str(fn.get("arguments", "")), str(tc.get("id", ""))
                 )
-                (kept if v.allowed else notes).append(tc if v.allowed else v.text)
+                if v.allowed:
+                    kept.append(tc)
+                else:
+                    notes.append(v.text)
             if notes:
                 modified = True
                 content = msg.get("content") or ""

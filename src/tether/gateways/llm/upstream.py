@@ -32,7 +32,7 @@ def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBase
     as the app produces it; closing the response tells the app the client went away. ``http``
     is the httpx module to build it for (the anthropic SDK ships a fork, ``httpx2``)."""
 
-    class _Body(http.AsyncByteStream):  # type: ignore[misc,name-defined]
+    class _Body(http.AsyncByteStream):  # type: ignore[misc]
         def __init__(
             self,
             queue: asyncio.Queue[bytes | None],
@@ -65,7 +65,7 @@ def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBase
                 with contextlib.suppress(BaseException):
                     await self._task
 
-    class _Transport(http.AsyncBaseTransport):  # type: ignore[misc,name-defined]
+    class _Transport(http.AsyncBaseTransport):  # type: ignore[misc]
         async def handle_async_request(self, request: Any) -> Any:
             body = await request.aread()
             scope = {
