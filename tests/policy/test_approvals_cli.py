@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import typer
 from fastapi.testclient import TestClient
+from rich.console import Console
 from typer.testing import CliRunner
 
 from tether.cli import approvals as cli
@@ -20,7 +21,6 @@ from tether.policy.action import Action
 from tether.policy.approvals import Approvals
 from tether.policy.jit import JitGrants
 from tether.server.app import create_app
-from tether.server.routes_approvals import approvals_router
 from tether.server.services import Services
 from tether.store.approvals import ApprovalStore
 
@@ -59,10 +59,11 @@ def env(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Env]:
+    # The console is built at import, with whatever width the collecting process had.
+    monkeypatch.setattr(cli, "out", Console(width=200, highlight=False))
     store = ApprovalStore(services.data_dir.db_path)
     desk = Approvals(store, services.audit, clock=ManualClock(time.time()))
     api = create_app(services)
-    api.include_router(approvals_router())
     api.state.approvals = desk
     api.state.jit = JitGrants(desk)
     http = TestClient(api, base_url="http://tether")

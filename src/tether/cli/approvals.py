@@ -175,16 +175,18 @@ def ls(
     if as_json:
         _print_json(doc)
         return
-    t = Table("id", "state", "requester", "what", "quorum / needs", "created", header_style="bold")
+    t = Table("state", "requester", "what", "quorum / needs", "created", header_style="bold")
+    # ids are what people copy into `approve`: never truncated, whatever the terminal width
+    t.add_column("id", no_wrap=True, min_width=24)
     for a in doc["approvals"]:
         needs = a.get("missing") or a["quorum"]
         t.add_row(
-            escape(a["id"]),
             _state(a),
             escape(_short_id(a["requester"])),
             escape(_what(a)),
             escape(needs),
             _when(a.get("created_ms")),
+            escape(a["id"]),
         )
     out.print(t)
     if not doc["approvals"]:
