@@ -17,6 +17,7 @@ from tether.cli import audit as audit_cli
 from tether.cli.approvals import approvals_app, request_cmd
 from tether.cli.client import ApiClient, read_token_file
 from tether.cli.policy import policy_app
+from tether.cli.usage import usage_cmd
 from tether.config import DataDir, resolve_data_dir, write_private
 from tether.errors import TetherError
 from tether.identity.exchange import GRANT_TYPE_TOKEN_EXCHANGE, TOKEN_TYPE_JWT
@@ -40,6 +41,7 @@ app.add_typer(audit_cli.app, name="audit", help="Inspect and verify the tamper-e
 app.add_typer(policy_app, name="policy")
 app.add_typer(approvals_app, name="approvals")
 app.command("request")(request_cmd)
+app.command("usage")(usage_cmd)
 
 out = Console()
 err = Console(stderr=True)

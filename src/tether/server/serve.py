@@ -9,12 +9,16 @@ import socket
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from tether.errors import ConfigError
+from tether.gateways.llm.gateway import LLMGateway, with_llm_gateway
+from tether.gateways.llm.mount import build_llm_gateway
 from tether.server.app import create_app
+from tether.server.routes_usage import usage_router
 from tether.server.services import Services
 
-__all__ = ["bind_sockets", "serve"]
+__all__ = ["bind_sockets", "build_server_app", "serve"]
 
 
 def _tcp_socket(listen: str) -> socket.socket:
@@ -67,17 +71,34 @@ def bind_sockets(services: Services, listen: str | None) -> list[socket.socket]:
         raise
 
 
+def build_server_app(services: Services) -> tuple[ASGIApp, LLMGateway]:
+    """The whole server on one port: the LLM gateway's fast path for its four paths
+    (``/v1/chat/completions``, ``/v1/responses``, ``/v1/models``, ``/v1/messages``) in front
+    of the FastAPI app (identity, audit, approvals, usage)."""
+    app = create_app(services)
+    gateway = build_llm_gateway(services)
+    app.include_router(usage_router(gateway.ledger))
+    return with_llm_gateway(app, gateway), gateway
+
+
 def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> None:
     services = Services(root)
     try:
         sockets = bind_sockets(services, listen)
-        app = create_app(services)
+        app, gateway = build_server_app(services)
         config = uvicorn.Config(
             app, log_level=log_level, access_log=False, lifespan="off", server_header=False
         )
         server = uvicorn.Server(config)
+
+        async def run() -> None:
+            try:
+                await server.serve(sockets=sockets)
+            finally:
+                await gateway.aclose()  # upstream pools, and the usage ledger's last writes
+
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(server.serve(sockets=sockets))
+            asyncio.run(run())
     finally:
         services.close()
         with contextlib.suppress(FileNotFoundError):

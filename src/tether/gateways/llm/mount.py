@@ -9,7 +9,7 @@ from typing import Any
 from tether.gateways.llm.config import parse_llm_config
 from tether.gateways.llm.gateway import ASGIApp, LLMGateway, with_llm_gateway
 from tether.gateways.llm.inspect import Inspector
-from tether.policy.core import DecisionCore, GrantsAuthorizer
+from tether.policy.core import DecisionCore
 from tether.store.usage import UsageLedger
 
 __all__ = ["USAGE_DB", "build_llm_gateway", "mount_llm_gateway"]
@@ -25,7 +25,7 @@ def build_llm_gateway(
     server has one, else grants only). Close it with ``await gateway.aclose()``."""
     settings = parse_llm_config(services.config.extra.get("llm"))
     if core is None:
-        core = getattr(services, "core", None) or DecisionCore(GrantsAuthorizer())
+        core = services.core
     ledger = UsageLedger(services.data_dir.root / USAGE_DB, services.clock)
     return LLMGateway(
         settings,
