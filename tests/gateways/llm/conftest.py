@@ -17,7 +17,7 @@ from tether.gateways.llm.config import parse_llm_config
 from tether.gateways.llm.gateway import LLMGateway
 from tether.gateways.llm.scripted import ScriptedModel
 from tether.gateways.llm.upstream import streaming_asgi_transport
-from tether.policy.core import DecisionCore, GrantsAuthorizer
+from tether.policy.core import DecisionCore
 from tether.server.services import Services
 from tether.store.usage import UsageLedger
 
@@ -37,8 +37,9 @@ def ledger(tmp_path: Path) -> Iterator[UsageLedger]:
 
 
 @pytest.fixture
-def core() -> DecisionCore:
-    return DecisionCore(GrantsAuthorizer())
+def core(services: Services) -> DecisionCore:
+    """The server's real decision core: Cedar (default policies), groups, limits, approvals."""
+    return services.core
 
 
 @pytest.fixture

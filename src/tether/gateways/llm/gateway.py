@@ -135,9 +135,13 @@ class LLMGateway:
     def __repr__(self) -> str:
         return f"LLMGateway(providers={sorted(self.settings.providers)!r})"
 
+    async def drain(self) -> None:
+        """Wait for the response records still being written (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*tuple(self._background), return_exceptions=True)
+
     async def aclose(self) -> None:
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        await self.drain()
         await self.upstreams.aclose()
         if self._owns_ledger:
             self.ledger.close()
@@ -386,7 +390,7 @@ class LLMGateway:
             cost=Cost(tokens=estimate, usd=usd_est or Decimal(0)),
         )
         hold = self.settings.escalation_hold
-        decision = await self.core.adecide(action, hold) if hold > 0 else self.core.decide(action)
+        decision = await self.core.adecide(action, hold)
         if not decision.allowed:
             await self._deny(action, decision, rid, body, api)
         if route is None or provider is None:
@@ -525,9 +529,7 @@ class LLMGateway:
                 arguments=arguments,
             )
             hold = self.settings.escalation_hold
-            decision = (
-                await self.core.adecide(action, hold) if hold > 0 else self.core.decide(action)
-            )
+            decision = await self.core.adecide(action, hold)
             reasons = "; ".join(decision.reasons)
             if decision.allowed and self.inspectors:
                 for ins in self.inspectors:
@@ -640,7 +642,21 @@ class LLMGateway:
             if stream_raw is not None:
                 bodies["response_stream"] = stream_raw
             ev = DecisionCore.event(call.action, call.decision, data=data, bodies=bodies)
-            await self.audit.arecord(dataclasses.replace(ev, type="llm.response"))
+        except Exception as e:
+            log.error("recording an LLM response failed: %s", type(e).__name__)
+            return
+        # The agent already has the response (fail-closed applied to the request record,
+        # which was durable before the first byte went out). Recording the response must not
+        # hold the connection: a keep-alive client's next request would queue behind it.
+        task = asyncio.create_task(
+            self._record_response(dataclasses.replace(ev, type="llm.response"))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _record_response(self, ev: Event) -> None:
+        try:
+            await self.audit.arecord(ev)
         except Exception as e:
             log.error("recording an LLM response failed: %s", type(e).__name__)
 
