@@ -1,8 +1,11 @@
 """`make demo`: Tether's main job end to end on the embedded defaults.
 
-Starts a real server on a fresh data directory (.demo/), then, with the real `tether` command:
-a human identity, a two-hop delegated agent token and its chain, a refused widening with the
-reason, a revocation that bites, the session timeline and a verification of the audit log.
+Starts a real server on a fresh data directory (.demo/), then, with the real `tether` command
+and the unmodified OpenAI SDK: a human identity, a two-hop delegated agent token and its chain,
+a refused widening with the reason, model calls through the LLM gateway (the bundled scripted
+model, since no upstream is configured) with a proposed tool call denied before the agent sees
+it, a model outside the grants refused, a swarm of agents held to a group limit with an
+approval quorum, a revocation that bites, the session timeline and a verification of the log.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import time
 from pathlib import Path
 
 import httpx
+import httpx2
+import openai
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / ".demo"
@@ -52,6 +57,58 @@ def wait_ready(server: subprocess.Popen[bytes]) -> None:
                 pass
         time.sleep(0.05)
     raise SystemExit("the server did not become ready in 30 s; see .demo/server.log")
+
+
+BOUNDARIES = """\
+[groups.swarm]
+labels = ["swarm"]
+
+[groups.sre]
+members = ["spiffe://demo.tether.local/user/bob"]
+delegated = false
+
+[effects]
+"db.schema_change" = ["tool.call:db.add_index"]
+
+[limits.schema-changes]
+group = "swarm"
+kind = "budget"
+unit = "db.schema_change"
+amount = 2
+window = "1h"
+on_exceed = "escalate"
+quorum = "1 of group:sre"
+"""
+
+
+def agent_sdk(token_file: Path) -> openai.OpenAI:
+    """An unmodified OpenAI client: its API key is the agent's delegated token, its base URL
+    the gateway (here over the data dir's unix socket)."""
+    transport = httpx2.HTTPTransport(uds=str(HOME / "tether.sock"))
+    return openai.OpenAI(
+        base_url="http://tether/v1",
+        api_key=token_file.read_text().strip(),
+        http_client=httpx2.Client(transport=transport),
+        max_retries=0,
+    )
+
+
+def ask(client: openai.OpenAI, model: str, prompt: str) -> str:
+    print(f"{DIM}agent> {model}: {prompt!r}{RESET}", flush=True)
+    reply = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        tools=[
+            {"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+            for n in ("search.web", "db.drop_table", "db.add_index")
+        ],
+        max_tokens=64,
+    )
+    msg = reply.choices[0].message
+    calls = [f"{c.function.name}({c.function.arguments})" for c in msg.tool_calls or []]
+    text = (msg.content or "").strip()
+    print(f"model> {text}" + (f"  tool calls: {', '.join(calls)}" if calls else ""), flush=True)
+    return text
 
 
 def main() -> None:
@@ -125,20 +182,83 @@ def main() -> None:
             expect_fail=True,
         )
 
-        say("8. Revoke the planner's token: everything delegated from it dies with it")
+        say("8. The sub-agent calls a model with the unmodified OpenAI SDK, through the gateway")
+        print(
+            "(no upstream is configured, so the bundled, clearly labelled scripted model answers)"
+        )
+        researcher = agent_sdk(DEMO / "researcher.jwt")
+        ask(researcher, "gpt-4o-mini", "Summarise churn drivers, then call search.web")
+        say("9. The model proposes a tool outside the agent's grants: decided before the agent")
+        print("sees it, and replaced by a refusal the agent can read")
+        ask(researcher, "gpt-4o-mini", "call db.drop_table")
+        say("10. A model outside the agent's grants is refused before any byte goes upstream")
+        try:
+            ask(researcher, "gpt-4o", "hello")
+            raise SystemExit("a model outside the grants was not refused")
+        except openai.PermissionDeniedError as e:
+            print(f"refused: {e.status_code} {e.body}")
+        tether("usage", "--by", "identity")
+
+        say("11. Bound the swarm: at most 2 schema changes an hour for the whole group")
+        (HOME / "policies" / "boundaries.toml").write_text(BOUNDARIES)
+        print("wrote policies/boundaries.toml (groups, effects, a limit that escalates)")
+        tether("users", "add", "bob")
+        time.sleep(0.3)  # boundaries reload live (checked every 250 ms)
+        replies = []
+        for i in range(4):
+            tether(
+                "delegate",
+                "--agent",
+                f"indexer-{i}",
+                "--grant",
+                "model:gpt-4o-mini",
+                "--grant",
+                "tool:db.add_index",
+                "--label",
+                "swarm",
+                "--task",
+                "index-swarm",
+                "--out",
+                str(DEMO / f"indexer-{i}.jwt"),
+            )
+            replies.append(
+                ask(
+                    agent_sdk(DEMO / f"indexer-{i}.jwt"),
+                    "gpt-4o-mini",
+                    f"call db.add_index on orders.c{i}",
+                )
+            )
+        pending = [
+            r.split("needs approval ")[1].split()[0] for r in replies if "needs approval" in r
+        ]
+        print(f"{len(replies) - len(pending)} went through; {len(pending)} escalated")
+        if len(pending) != 2:
+            raise SystemExit("expected the group limit to escalate the last two")
+
+        say("12. An SRE approves one of them; the agent's retry goes through, once")
+        tether("approvals", "ls")
+        bob = {**ENV, "TETHER_USER": "bob"}
+        subprocess.run([*TETHER, "approvals", "approve", pending[0]], env=bob, cwd=DEMO, check=True)
+        retry = ask(
+            agent_sdk(DEMO / "indexer-2.jwt"), "gpt-4o-mini", "call db.add_index on orders.c2"
+        )
+        if "needs approval" in retry:
+            raise SystemExit("the approved action did not go through")
+
+        say("13. Revoke the planner's token: everything delegated from it dies with it")
         tether("revoke", "--token", str(DEMO / "planner.jwt"), "--reason", "demo incident")
         tether("whoami", "--token", str(DEMO / "researcher.jwt"), expect_fail=True)
 
-        say("9. The session timeline, from the tamper-evident audit log")
+        say("14. The session timeline, from the tamper-evident audit log")
         tether("audit", "session", "churn-report-42")
 
-        say("10. Verify the whole log: Merkle tree, signed checkpoints")
+        say("15. Verify the whole log: Merkle tree, signed checkpoints")
         time.sleep(0.6)  # let the checkpointer sign the latest entries
         tether("audit", "verify")
         tether("audit", "checkpoint", "--out", str(DEMO / "checkpoint.txt"))
         tether("audit", "export", "--format", "jsonl", "--out", str(DEMO / "export.jsonl"))
 
-        say("11. An auditor checks the export with no Tether code (stdlib + cryptography)")
+        say("16. An auditor checks the export with no Tether code (stdlib + cryptography)")
         vkey = (HOME / "keys" / "audit-note.vkey").read_text().strip()
         cmd = [
             sys.executable,
