@@ -603,7 +603,9 @@ def test_explain_lists_every_satisfied_policy(pdir: Path) -> None:
     assert not got["30-swarm.cedar:1"]["determining"]
     assert got["tether.grants"]["location"] == f"{BUILTIN_SOURCE}:7"
     assert doc["request"]["context"]["effects"] == ["db.schema_change"]
-    assert doc["request"]["entities"][0]["parents"] == [{"type": "Tether::Group", "id": "swarm"}]
+    principal = doc["request"]["principal"]
+    (ent,) = [e for e in doc["request"]["entities"] if e["uid"] == principal]
+    assert ent["parents"] == [{"type": "Tether::Group", "id": "swarm"}]
 
 
 # -- the scanner --------------------------------------------------------------------------

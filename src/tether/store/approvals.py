@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 from sqlalchemy import (
     Column,
-    Engine,
     Index,
     Integer,
     MetaData,
@@ -31,7 +30,6 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    create_engine,
     event,
     insert,
     or_,
@@ -43,6 +41,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import SQLAlchemyError
 
 from tether.errors import StoreError
+from tether.store.db import sqlite_or_url_engine
 
 __all__ = [
     "STATES",
@@ -241,13 +240,8 @@ class ApprovalStore:
     """Approval requests and votes. Safe to share between threads and processes."""
 
     def __init__(self, url_or_path: str | Path) -> None:
-        url = str(url_or_path)
-        if "://" not in url:
-            url = f"sqlite:///{Path(url).resolve()}"
-        self.url = url
-        self._engine: Engine = create_engine(url, future=True)
+        self.url, self._engine = sqlite_or_url_engine(url_or_path, _sqlite_connect)
         if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_connect)
             event.listen(self._engine, "begin", _sqlite_begin)
         try:
             with self._engine.begin() as conn:

@@ -106,17 +106,24 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def sqlite_or_url_engine(url_or_path: str | Path, *on_connect: Any) -> tuple[str, Engine]:
+    """An engine for a URL, or for a SQLite file path; ``on_connect`` listeners (PRAGMAs) are
+    attached for SQLite only."""
+    url = str(url_or_path)
+    if "://" not in url:
+        url = f"sqlite:///{Path(url).resolve()}"
+    engine = create_engine(url, future=True)
+    if engine.dialect.name == "sqlite":
+        for listener in on_connect:
+            event.listen(engine, "connect", listener)
+    return url, engine
+
+
 class Store:
     """Identities, users and revocations. Safe to share between threads and processes."""
 
     def __init__(self, url_or_path: str | Path) -> None:
-        url = str(url_or_path)
-        if "://" not in url:
-            url = f"sqlite:///{Path(url).resolve()}"
-        self.url = url
-        self._engine: Engine = create_engine(url, future=True)
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "connect", _sqlite_pragmas)
+        self.url, self._engine = sqlite_or_url_engine(url_or_path, _sqlite_pragmas)
         self._known: set[str] = set()
         self._known_lock = threading.Lock()
         self._migrate()

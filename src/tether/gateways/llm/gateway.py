@@ -598,6 +598,23 @@ class LLMGateway:
             return GatewayError(429, text, "upstream_rate_limited", retry=True)
         return GatewayError(502, text, "upstream_error", retry=status >= 500)
 
+    async def _upstream_failed(
+        self, call: _Call, record: asyncio.Future[Any], e: BaseException
+    ) -> None:
+        """The upstream call failed or the client left before a response: record it, then
+        raise the error in the API's shape (or let the disconnect propagate)."""
+        await _settle_record(record)
+        err = _transport_error(e)
+        await self._finish(
+            call,
+            err.code if err else "client_disconnected",
+            None,
+            None,
+            {"error": err.message if err else "client went away"},
+        )
+        if err is not None:
+            raise err from None
+
     async def _finish(
         self,
         call: _Call,
@@ -682,18 +699,8 @@ class LLMGateway:
                 receive,
             )
         except BaseException as e:
-            await _settle_record(record)
-            err = _transport_error(e)
-            await self._finish(
-                call,
-                err.code if err else "client_disconnected",
-                None,
-                None,
-                {"error": err.message if err else "client went away"},
-            )
-            if err is None:
-                raise
-            raise err from None
+            await self._upstream_failed(call, record, e)
+            raise
         await self._durable(record) if not record.done() or record.exception() else None
         content = resp.content
         if resp.status_code != 200:
@@ -756,18 +763,8 @@ class LLMGateway:
         try:
             resp = await _until_disconnect(client.send(request, stream=True), receive)
         except BaseException as e:
-            await _settle_record(record)
-            err = _transport_error(e)
-            await self._finish(
-                call,
-                err.code if err else "client_disconnected",
-                None,
-                None,
-                {"error": err.message if err else "client went away"},
-            )
-            if err is None:
-                raise
-            raise err from None
+            await self._upstream_failed(call, record, e)
+            raise
         gate = gate_for(
             call.api, self._tool_decider(call), self._text_hook(call), call.req.wants_usage
         )
