@@ -118,6 +118,21 @@ def test_open_reuses_the_pending_request(desk: Approvals, recorder: MemoryRecord
     assert rec.chain == (f"spiffe://{TD}/user/alice",) and rec.task == "t-1"
 
 
+def test_open_after_a_racing_approval_returns_that_approval(desk: Approvals) -> None:
+    """The core consumes, then opens: a quorum completed between the two must not leave the
+    waiter on a fresh request nobody will vote on (the race CI once hit)."""
+    a = action()
+    rid = desk.open(a, ("needs sre",), "2 of group:sre", "v1")
+    desk.approve(rid, SAM)
+    assert desk.consume(a, "v1") is None  # the core's consume ...
+    desk.approve(rid, SUE)  # ... the last vote lands ...
+    assert desk.open(a, ("needs sre",), "2 of group:sre", "v1") == rid  # ... then its open
+    assert desk.consume(a, "v1") == rid
+    assert desk.open(a, ("needs sre",), "2 of group:sre", "v1") != rid  # used up: ask afresh
+    other = action(principal=claims("agent/worker", "user/bob", task="t-1"))
+    assert desk.open(other, (), "2 of group:sre", "v1") != rid
+
+
 def test_unparsable_quorum_refused_at_open(desk: Approvals, recorder: MemoryRecorder) -> None:
     with pytest.raises(BadRequest, match="'3 of robots'"):
         desk.open(action(), (), "1 of human and 3 of robots", "v1")

@@ -239,6 +239,20 @@ class Approvals:
                 found = self.store.get(conn, existing)
                 if found is not None and found.deadline_ms > now:
                     return found
+            # Approved between the caller's consume() and this open (a vote racing the
+            # decision): hand back that approval, so a waiter sees "approved" and the retry
+            # consumes it, instead of opening a second request nobody will ever vote on.
+            chain = tuple(str(g) for g in requester.grantors)
+            approved = self.store.find_approved(conn, kind, digest) if kind == "action" else []
+            for done in approved:
+                if (
+                    done.policy_version == policy_version
+                    and done.chain == chain
+                    and done.requester == str(requester.subject)
+                    and done.deadline_ms > now
+                    and done.used < done.uses
+                ):
+                    return done
             rec = ApprovalRecord(
                 id=_new_id(kind),
                 kind=kind,
