@@ -15,8 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tether.gateways.egress.gateway import EgressGateway, EgressListener
-from tether.server.services import Services
 from tests.gateways.egress.conftest import (
     TASK,
     WAIT,
@@ -30,6 +28,8 @@ from tests.gateways.egress.conftest import (
     read_reply,
     wait_entries,
 )
+from tether.gateways.egress.gateway import EgressGateway, EgressListener
+from tether.server.services import Services
 
 
 async def test_connect_tunnel_relays_bytes_and_records_both_ends(
