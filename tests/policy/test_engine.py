@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import re
 from pathlib import Path
 
@@ -630,3 +631,39 @@ def test_the_documented_examples_are_valid() -> None:
     assert block is not None
     loaded = load_policies([PolicySource("examples.cedar", block.group(1))])
     assert len(loaded) == 6
+
+
+# -- the verdict cache -----------------------------------------------------------------------
+
+
+def test_a_repeated_decision_is_reused_until_the_policies_change(pdir: Path) -> None:
+    e = engine(pdir, reload_interval=0.0)
+    calls = 0
+    real = engine_mod._cedar.is_authorized
+
+    def counting(*a: object) -> object:
+        nonlocal calls
+        calls += 1
+        return real(*a)
+
+    engine_mod._cedar.is_authorized = counting  # type: ignore[assignment]
+    try:
+        first = e.authorize(act(), NONE)
+        assert e.authorize(act(), NONE) == first and first.outcome == "allow"
+        assert calls == 1  # the same principal, resource and context: Cedar ran once
+        assert e.authorize(act(context={"max_tokens": 5}), NONE).outcome == "allow"
+        assert calls == 2  # another context is another decision
+        forbid = 'forbid (principal, action, resource == Tether::Model::"gpt-4o");\n'
+        write(pdir, "10-no.cedar", forbid)
+        assert e.authorize(act(), NONE).outcome == "deny"  # a reload is never served stale
+        assert calls == 3
+    finally:
+        engine_mod._cedar.is_authorized = real  # type: ignore[assignment]
+
+
+def test_cached_reasons_name_each_tokens_own_grant(pdir: Path) -> None:
+    e = engine(pdir)
+    wide = claims(grants=("model:gpt-*",))
+    narrow = dataclasses.replace(claims(grants=("model:gpt-4o",)), token_id="n" * 32)
+    assert e.authorize(act(who=wide), NONE).reasons == ("permitted by token grant model:gpt-*",)
+    assert e.authorize(act(who=narrow), NONE).reasons == ("permitted by token grant model:gpt-4o",)

@@ -103,6 +103,7 @@ ENTRY_VERSION = 1
 SCHEMA_VERSION = 1
 DEFAULT_BUSY_TIMEOUT = 5.0
 LINGER = 0.001  # group commit: longest wait for the last batch's callers to queue again
+LINGER_MIN = 8  # ... and only after a batch this big: a few callers must never wait for it
 MAX_SEARCH_LIMIT = 10_000
 _MAX_DEPTH = 64
 _ORJSON_JCS = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
@@ -986,9 +987,11 @@ class AuditLog:
 
         Without it the writer takes a near-empty batch and then fights those callers for the
         GIL at every SQLite call. It sleeps in short steps for at most :data:`LINGER` seconds,
-        and only until as many events are queued as the last batch had.
+        and only until as many events are queued as the last batch had. Only after a batch of
+        :data:`LINGER_MIN` or more: with a caller or two (a gateway at low concurrency, whose
+        request and response records often share a batch) waiting would only add latency.
         """
-        if self._expect <= 1:
+        if self._expect < LINGER_MIN:
             return
         deadline = time.monotonic() + LINGER
         while len(self._queue) < self._expect and not self._closing:

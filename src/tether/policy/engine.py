@@ -25,6 +25,7 @@ decisions one monotonic clock read. Any failure inside :meth:`PolicyEngine.autho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -540,6 +541,8 @@ def _identity_type(resource: str) -> str:
 
 
 _EntityKey = tuple[str, str, str, int, str, tuple[str, ...], frozenset[str], str, str]
+# policy version, action type, entity key, request context (JSON), token id, granted_by
+_VerdictKey = tuple[str, str, _EntityKey, str, str, str]
 
 
 def _entities_json(key: _EntityKey) -> str:
@@ -625,6 +628,8 @@ class PolicyEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._entities = _make_entities_cache(entity_cache_size)
+        self._verdicts: dict[_VerdictKey, Verdict] = {}
+        self._verdicts_max = entity_cache_size
         self.last_error: PolicyError | None = None
         self.reloads = 0
         self._fp = _fingerprint(policy_dir)
@@ -715,8 +720,27 @@ class PolicyEngine:
             policy_set = loaded.by_action.get(action.type)
             if policy_set is None:
                 raise BadRequest(f"unknown action type {action.type!r}")
-            response = self._evaluate(policy_set, action, groups, granted)
-            return self._verdict(loaded, action, response)
+            request, entities, key = self._request_keyed(action, groups, granted)
+            # A verdict is a pure function of the policy set, the entities (a function of
+            # ``key``) and the request context, so repeated calls reuse it until a reload.
+            memo = (
+                loaded.version,
+                action.type,
+                key,
+                request["context"],
+                # the reason text names the token's matching grant, and a JIT grant
+                action.principal.token_id,
+                str(action.context.get("granted_by", "")),
+            )
+            cached = self._verdicts.get(memo)
+            if cached is not None:
+                return cached
+            response: dict[str, Any] = orjson.loads(
+                _cedar.is_authorized(request, policy_set, entities, None, False)
+            )
+            verdict = self._verdict(loaded, action, response)
+            self._remember(memo, verdict)
+            return verdict
         except Exception as e:  # fail closed
             msg = e.message if isinstance(e, BadRequest) else f"{type(e).__name__}: {e}"
             return Verdict(
@@ -726,9 +750,22 @@ class PolicyEngine:
                 loaded.version,
             )
 
+    def _remember(self, memo: _VerdictKey, verdict: Verdict) -> None:
+        cache = self._verdicts
+        if len(cache) >= self._verdicts_max:
+            with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread
+                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
+        cache[memo] = verdict
+
     def _request(
         self, action: Action, groups: frozenset[str], granted: bool | None
     ) -> tuple[dict[str, Any], Any]:
+        request, entities, _ = self._request_keyed(action, groups, granted)
+        return request, entities
+
+    def _request_keyed(
+        self, action: Action, groups: frozenset[str], granted: bool | None
+    ) -> tuple[dict[str, Any], Any, _EntityKey]:
         claims: TokenClaims = action.principal
         subject = claims.subject
         ptype = PRINCIPAL_TYPES[subject.kind]
@@ -769,7 +806,7 @@ class PolicyEngine:
             "resource": {"type": rtype, "id": action.resource},
             "context": orjson.dumps(ctx).decode(),
         }
-        return request, entities
+        return request, entities, key
 
     def _evaluate(
         self,

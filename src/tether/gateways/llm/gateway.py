@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import logging
 import secrets
 import time
@@ -43,7 +44,12 @@ from tether.gateways.llm.toolgate import (
     gate_response,
     stream_error,
 )
-from tether.gateways.llm.upstream import Upstreams
+from tether.gateways.llm.upstream import (
+    UpstreamFailed,
+    UpstreamResponse,
+    Upstreams,
+    UpstreamTimeout,
+)
 from tether.identity.claims import TokenClaims
 from tether.policy.action import Action, Cost, Decision
 from tether.policy.core import DecisionCore
@@ -129,7 +135,10 @@ class LLMGateway:
         self.ledger = ledger
         self.inspectors = tuple(inspectors)
         self.upstreams = Upstreams(settings, transports, scripted_app)
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        # Request ids: a random per-process prefix and a counter (no urandom call per request).
+        self._rid_prefix = secrets.token_hex(5)
+        self._rid_seq = itertools.count(1)
         self._owns_ledger = owns_ledger
 
     def __repr__(self) -> str:
@@ -274,7 +283,7 @@ class LLMGateway:
     ) -> None:
         claims = self._claims(headers)
         models = self._allowed_models(claims)
-        rid = "req_" + secrets.token_hex(8)
+        rid = self._rid()
         if path.startswith("/v1/models/"):
             want = path[len("/v1/models/") :]
             if not claims.grants.allows("model", want) or self.settings.route(want) is None:
@@ -365,7 +374,7 @@ class LLMGateway:
             if e.code != "client_disconnected":
                 await self._refused(claims, api, e, body, model)
             raise
-        rid = "req_" + secrets.token_hex(12)
+        rid = self._rid()
         route = self.settings.route(req.model)
         provider = self.settings.providers[route.provider] if route else None
         estimate, usd_est = (
@@ -446,20 +455,18 @@ class LLMGateway:
             sent,
             time.perf_counter(),
         )
-        record = asyncio.ensure_future(
-            self.audit.arecord(
-                DecisionCore.event(
-                    action,
-                    decision,
-                    data={
-                        "request_id": rid,
-                        "api": api,
-                        "provider": provider.name,
-                        "upstream_model": up_doc["model"],
-                        "stream": req.stream,
-                    },
-                    bodies={"request": sent},
-                )
+        record = self._start_record(
+            DecisionCore.event(
+                action,
+                decision,
+                data={
+                    "request_id": rid,
+                    "api": api,
+                    "provider": provider.name,
+                    "upstream_model": up_doc["model"],
+                    "stream": req.stream,
+                },
+                bodies={"request": sent},
             )
         )
         if req.stream:
@@ -665,17 +672,26 @@ class LLMGateway:
         # The agent already has the response (fail-closed applied to the request record,
         # which was durable before the first byte went out). Recording the response must not
         # hold the connection: a keep-alive client's next request would queue behind it.
-        task = asyncio.create_task(
-            self._record_response(dataclasses.replace(ev, type="llm.response"))
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        fut = self._start_record(dataclasses.replace(ev, type="llm.response"))
+        self._background.add(fut)
+        fut.add_done_callback(self._response_recorded)
 
-    async def _record_response(self, ev: Event) -> None:
-        try:
-            await self.audit.arecord(ev)
-        except Exception as e:
+    def _response_recorded(self, fut: asyncio.Future[Any]) -> None:
+        self._background.discard(fut)
+        e = None if fut.cancelled() else fut.exception()
+        if e is not None:
             log.error("recording an LLM response failed: %s", type(e).__name__)
+
+    def _start_record(self, ev: Event) -> asyncio.Future[Any]:
+        """Start making ``ev`` durable; the returned future settles when it is (or fails)."""
+        submit = getattr(self.audit, "submit", None)
+        if submit is not None:  # the audit log: a plain future, no task per record
+            fut: asyncio.Future[Any] = submit(ev)
+            return fut
+        return asyncio.ensure_future(self.audit.arecord(ev))
+
+    def _rid(self) -> str:
+        return f"req_{self._rid_prefix}{next(self._rid_seq):014x}"
 
     # -- whole responses ----------------------------------------------------------------------
 
@@ -691,18 +707,14 @@ class LLMGateway:
         up_headers = self.upstreams.headers(call.provider, call.api, headers)
         try:
             resp = await _until_disconnect(
-                client.post(
-                    self.upstreams.path(call.provider, call.api),
-                    content=call.sent,
-                    headers=up_headers,
-                ),
+                client.post(self.upstreams.path(call.provider, call.api), call.sent, up_headers),
                 receive,
             )
         except BaseException as e:
             await self._upstream_failed(call, record, e)
             raise
         await self._durable(record) if not record.done() or record.exception() else None
-        content = resp.content
+        content = await resp.aread()
         if resp.status_code != 200:
             err = self._upstream_error(resp.status_code, content)
             await self._finish(
@@ -751,17 +763,20 @@ class LLMGateway:
         send: Send,
     ) -> None:
         client = self.upstreams.client(call.provider.name)
-        request = client.build_request(
-            "POST",
-            self.upstreams.path(call.provider, call.api),
-            content=call.sent,
-            headers={
-                **self.upstreams.headers(call.provider, call.api, headers),
-                "accept": "text/event-stream",
-            },
-        )
+        up_headers = {
+            **self.upstreams.headers(call.provider, call.api, headers),
+            "accept": "text/event-stream",
+        }
         try:
-            resp = await _until_disconnect(client.send(request, stream=True), receive)
+            resp = await _until_disconnect(
+                client.post(
+                    self.upstreams.path(call.provider, call.api),
+                    call.sent,
+                    up_headers,
+                    stream=True,
+                ),
+                receive,
+            )
         except BaseException as e:
             await self._upstream_failed(call, record, e)
             raise
@@ -823,7 +838,7 @@ class LLMGateway:
             )
 
     async def _pump(
-        self, call: _Call, resp: httpx.Response, gate: Any, raw: list[bytes], send: Send
+        self, call: _Call, resp: UpstreamResponse, gate: Any, raw: list[bytes], send: Send
     ) -> tuple[str, str | None]:
         """Upstream events -> gate -> agent, as they arrive. Returns (status, error note)."""
         splitter = SSESplitter()
@@ -865,7 +880,10 @@ class LLMGateway:
                         ),
                     }
                 )
-        except TimeoutError:
+        except (TimeoutError, UpstreamTimeout) as e:
+            # Ours (the idle timeout) or the client's read timeout, whichever came first.
+            if isinstance(e, UpstreamTimeout):
+                idle = min(idle, self.settings.read_timeout)
             status, note = "upstream_timeout", f"no upstream bytes for {idle}s"
             await _send_quiet(
                 send,
@@ -886,7 +904,7 @@ class LLMGateway:
                     GatewayError(502, "upstream sent an invalid stream event", "upstream_garbage"),
                 ),
             )
-        except httpx.HTTPError as e:
+        except UpstreamFailed as e:
             status, note = "upstream_failed", f"upstream stream failed ({type(e).__name__})"
             await _send_quiet(
                 send,
@@ -910,20 +928,31 @@ async def _wait_disconnect(receive: Receive) -> None:
             return
 
 
-async def _until_disconnect(aw: Awaitable[httpx.Response], receive: Receive) -> httpx.Response:
-    """Await ``aw``; if the client goes away first, cancel it (the upstream call with it)."""
-    task = asyncio.ensure_future(aw)
+async def _until_disconnect(aw: Awaitable[UpstreamResponse], receive: Receive) -> UpstreamResponse:
+    """Await ``aw``; if the client goes away first, cancel it (the upstream call with it).
+    One watcher task, which cancels this one on a disconnect: the call itself runs here."""
+    me = asyncio.current_task()
+    assert me is not None
+    gone = False
+    settled = False  # a callback already scheduled must not cancel us once we moved on
+
+    def on_disconnect(w: asyncio.Future[None]) -> None:
+        nonlocal gone
+        if not settled and not w.cancelled() and w.exception() is None:
+            gone = True
+            me.cancel()
+
     watch = asyncio.ensure_future(_wait_disconnect(receive))
+    watch.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+        return await aw
+    except asyncio.CancelledError:
+        if gone:
+            raise asyncio.CancelledError("client disconnected") from None
+        raise
     finally:
+        settled = True
         watch.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise asyncio.CancelledError("client disconnected")
-    return task.result()
 
 
 async def _settle_record(record: asyncio.Future[Any]) -> None:
@@ -932,14 +961,10 @@ async def _settle_record(record: asyncio.Future[Any]) -> None:
 
 
 def _transport_error(e: BaseException) -> GatewayError | None:
-    if isinstance(e, httpx.TimeoutException):
-        return GatewayError(
-            504, f"upstream timed out ({type(e).__name__})", "upstream_timeout", retry=True
-        )
-    if isinstance(e, httpx.HTTPError):
-        return GatewayError(
-            502, f"upstream unreachable ({type(e).__name__})", "upstream_unreachable", retry=True
-        )
+    if isinstance(e, UpstreamTimeout):
+        return GatewayError(504, f"upstream timed out ({e})", "upstream_timeout", retry=True)
+    if isinstance(e, UpstreamFailed):
+        return GatewayError(502, f"upstream unreachable ({e})", "upstream_unreachable", retry=True)
     if isinstance(e, asyncio.CancelledError):
         return None
     if isinstance(e, Exception):

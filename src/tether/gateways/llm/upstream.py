@@ -1,4 +1,9 @@
-"""Upstream clients: one pooled keep-alive ``httpx.AsyncClient`` per provider.
+"""Upstream clients: one pooled keep-alive client per provider.
+
+Network upstreams use ``aiohttp`` (measured here at c=64 against a local upstream: 5,450
+calls/s and 0.24 ms per keep-alive call, against httpx's 560 calls/s and 0.85 ms: httpcore's
+pool rescans every connection on each request). ``httpx`` transports remain for in-process
+upstreams: the bundled scripted model and the fakes tests inject.
 
 Keys are injected here, after the decision, from :class:`~tether.gateways.llm.config.Secret`;
 nothing the agent sent in a header is forwarded except the Anthropic version / beta headers.
@@ -12,14 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
+import aiohttp
 import httpx
 
 from tether.gateways.llm.config import LLMSettings, Provider
 from tether.gateways.llm.protocol import Api
 
-__all__ = ["Upstreams", "streaming_asgi_transport"]
+__all__ = [
+    "UpstreamClient",
+    "UpstreamFailed",
+    "UpstreamResponse",
+    "UpstreamTimeout",
+    "Upstreams",
+    "streaming_asgi_transport",
+]
 
 ASGIApp = Callable[..., Any]
 _PATH = {"chat": "/chat/completions", "responses": "/responses", "messages": "/v1/messages"}
@@ -130,6 +143,180 @@ def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBase
     return transport
 
 
+class UpstreamFailed(Exception):
+    """The upstream could not be reached or broke the connection (the library's error is the
+    ``__cause__``; its text never reaches the agent)."""
+
+
+class UpstreamTimeout(UpstreamFailed):
+    """Connecting to or reading from the upstream took longer than its timeout."""
+
+
+class UpstreamResponse(Protocol):
+    status_code: int
+
+    async def aread(self) -> bytes: ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str], *, stream: bool = False
+    ) -> UpstreamResponse:
+        """POST ``body``; with ``stream`` the body is read later (``aiter_raw``), otherwise it
+        is read now. Raises :class:`UpstreamFailed` / :class:`UpstreamTimeout`."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _AiohttpResponse:
+    __slots__ = ("_body", "_resp", "status_code")
+
+    def __init__(self, resp: aiohttp.ClientResponse, body: bytes | None) -> None:
+        self._resp = resp
+        self._body = body
+        self.status_code = resp.status
+
+    async def aread(self) -> bytes:
+        if self._body is None:
+            try:
+                self._body = await self._resp.read()
+            except (TimeoutError, aiohttp.ClientError) as e:
+                raise _failed(e) from e
+        return self._body
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        if self._body is not None:
+            yield self._body
+            return
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise _failed(e) from e
+
+    async def aclose(self) -> None:
+        self._resp.release() if self._resp.content.at_eof() else self._resp.close()
+
+
+def _failed(e: BaseException) -> UpstreamFailed:
+    if isinstance(e, TimeoutError):  # aiohttp's timeouts subclass it
+        return UpstreamTimeout(type(e).__name__)
+    return UpstreamFailed(type(e).__name__)
+
+
+class _AiohttpClient:
+    """A network upstream: one aiohttp session with a keep-alive pool. No cookie jar (an
+    upstream's cookies must never follow one agent's call into another's), no redirects, no
+    proxy from the environment."""
+
+    def __init__(self, base: str, settings: LLMSettings) -> None:
+        self._base = base.rstrip("/")
+        self._settings = settings
+        self._session: aiohttp.ClientSession | None = None
+
+    def _open(self) -> aiohttp.ClientSession:
+        # Built on first use: a session binds the running event loop.
+        s = self._settings
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=s.max_connections, limit_per_host=0, keepalive_timeout=30.0
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=s.connect_timeout, sock_read=s.read_timeout
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            skip_auto_headers=("User-Agent",),
+        )
+        return self._session
+
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str], *, stream: bool = False
+    ) -> UpstreamResponse:
+        session = self._session or self._open()
+        try:
+            resp = await session.post(
+                self._base + path, data=body, headers=dict(headers), allow_redirects=False
+            )
+        except (TimeoutError, aiohttp.ClientError) as e:
+            raise _failed(e) from e
+        if stream:
+            return _AiohttpResponse(resp, None)
+        try:
+            content = await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as e:
+            resp.close()
+            raise _failed(e) from e
+        resp.release()
+        return _AiohttpResponse(resp, content)
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+class _HttpxResponse:
+    __slots__ = ("_resp", "status_code")
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self.status_code = resp.status_code
+
+    async def aread(self) -> bytes:
+        try:
+            return await self._resp.aread()
+        except httpx.HTTPError as e:
+            raise _httpx_failed(e) from e
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.aiter_raw():
+                yield chunk
+        except httpx.HTTPError as e:
+            raise _httpx_failed(e) from e
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
+
+
+def _httpx_failed(e: httpx.HTTPError) -> UpstreamFailed:
+    if isinstance(e, httpx.TimeoutException):
+        return UpstreamTimeout(type(e).__name__)
+    return UpstreamFailed(type(e).__name__)
+
+
+class _HttpxClient:
+    """An in-process upstream (the scripted model, or a fake a test injects) over an httpx
+    transport."""
+
+    def __init__(self, transport: httpx.AsyncBaseTransport, settings: LLMSettings) -> None:
+        self._client = httpx.AsyncClient(
+            base_url="http://upstream.invalid",
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            transport=transport,
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def post(
+        self, path: str, body: bytes, headers: Mapping[str, str], *, stream: bool = False
+    ) -> UpstreamResponse:
+        request = self._client.build_request("POST", path, content=body, headers=dict(headers))
+        try:
+            resp = await self._client.send(request, stream=stream)
+        except httpx.HTTPError as e:
+            raise _httpx_failed(e) from e
+        return _HttpxResponse(resp)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
 class Upstreams:
     """The pooled clients, built once; ``transports`` overrides a provider's (tests)."""
 
@@ -140,31 +327,16 @@ class Upstreams:
         scripted_app: ASGIApp | None = None,
     ) -> None:
         self.settings = settings
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[str, UpstreamClient] = {}
         self.scripted_app = scripted_app
-        timeout = httpx.Timeout(
-            settings.read_timeout,
-            connect=settings.connect_timeout,
-            pool=settings.connect_timeout,
-        )
-        limits = httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-            keepalive_expiry=30.0,
-        )
         for name, p in settings.providers.items():
             transport = (transports or {}).get(name)
             if transport is None and p.kind == "scripted":
                 transport = streaming_asgi_transport(self._scripted())
-            base = p.base_url or "http://scripted.invalid"
-            self._clients[name] = httpx.AsyncClient(
-                base_url=base,
-                timeout=timeout,
-                limits=limits,
-                transport=transport,
-                follow_redirects=False,
-                trust_env=False,
-            )
+            if transport is not None:
+                self._clients[name] = _HttpxClient(transport, settings)
+            else:
+                self._clients[name] = _AiohttpClient(p.base_url or "", settings)
 
     def _scripted(self) -> ASGIApp:
         if self.scripted_app is None:
@@ -173,7 +345,7 @@ class Upstreams:
             self.scripted_app = ScriptedModel()
         return self.scripted_app
 
-    def client(self, provider: str) -> httpx.AsyncClient:
+    def client(self, provider: str) -> UpstreamClient:
         return self._clients[provider]
 
     @staticmethod
