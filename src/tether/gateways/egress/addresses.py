@@ -144,7 +144,7 @@ class AddressPolicy:
         candidates = _embedded(ip)
         if any(self._allowed(c) for c in candidates):
             return None
-        for c in candidates:
+        for c in reversed(candidates):  # name the embedded IPv4 address first: it is the dial
             what = _category(c)
             if what is not None:
                 shown = str(ip) if c == ip else f"{ip} (carrying {c})"

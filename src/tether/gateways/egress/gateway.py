@@ -158,6 +158,10 @@ class EgressListener:
             self.connections.add(task)
         try:
             await self.gateway._handle_from(self.name, reader, writer, self.claims)
+        except asyncio.CancelledError:
+            # Only ``aclose`` cancels these; ending normally keeps asyncio's stream callback
+            # (which calls ``task.exception()``) from logging the cancellation as an error.
+            pass
         finally:
             if task is not None:
                 self.connections.discard(task)
@@ -297,9 +301,7 @@ class EgressGateway:
             if self._open >= self.settings.max_connections:
                 log.warning("egress gateway at capacity (%d connections)", self._open)
                 err = ProxyError(503, "too many open connections; retry later", "over_capacity")
-                with contextlib.suppress(Exception):
-                    writer.write(render_error(err))
-                    await writer.drain()
+                await _answer(reader, writer, err, linger=True)
                 return
             self._open += 1
             try:
@@ -339,7 +341,7 @@ class EgressGateway:
             if not e.recorded:
                 await self._record_refusal(conn, e)
             if not conn.answered:
-                await _answer(reader, writer, e, linger=e.status not in (408, 431))
+                await _answer(reader, writer, e, linger=e.status != 408)
         except Exception as e:  # never a crash, never a traceback to the client
             log.error("egress gateway failed: %s", type(e).__name__, exc_info=True)
             err = ProxyError(502, f"gateway error ({type(e).__name__})", "gateway_error")
@@ -504,7 +506,8 @@ class EgressGateway:
             except TimeoutError:
                 break
             except OSError as e:
-                errors.append(f"{ip}: {e.strerror or type(e).__name__}")
+                why = os.strerror(e.errno) if e.errno else type(e).__name__
+                errors.append(f"{ip}: {why}")
         if len(errors) < len(addresses):
             raise ProxyError(
                 504,
