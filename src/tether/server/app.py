@@ -34,6 +34,7 @@ from tether.policy.action import Action
 from tether.server import routes_audit
 from tether.server.deps import authenticated, get_services
 from tether.server.routes_approvals import approvals_router
+from tether.server.routes_beams import beams_router
 from tether.server.services import Services
 
 __all__ = ["create_app"]
@@ -327,6 +328,7 @@ def create_app(services: Services) -> FastAPI:
 
     app.include_router(routes_audit.router)
     app.include_router(approvals_router())
+    app.include_router(beams_router())  # needs app.state.beams (tether serve sets it)
     app.add_middleware(BodyLimit, limit=services.config.max_body_bytes)
     return app
 
