@@ -35,7 +35,7 @@ from tether.errors import AuthenticationError, RecordFailed, TetherError
 from tether.events import Event, Recorder
 from tether.gateways.llm.config import LLMSettings, Provider, Route
 from tether.gateways.llm.errors import GatewayError, render_error
-from tether.gateways.llm.inspect import InspectContext, Inspector
+from tether.gateways.llm.inspect import Finding, InspectContext, Inspector
 from tether.gateways.llm.protocol import Api, Req, parse_request, usage_of
 from tether.gateways.llm.toolgate import (
     SSESplitter,
@@ -505,6 +505,8 @@ class LLMGateway:
                 raise GatewayError(
                     403, f"request blocked by {f.detector}: {f.reason}", "inspection_blocked"
                 )
+            if f is not None:
+                self._flagged(ctx, "inbound", f)
 
     async def _durable(self, record: asyncio.Future[Any]) -> None:
         try:
@@ -541,7 +543,9 @@ class LLMGateway:
             if decision.allowed and self.inspectors:
                 for ins in self.inspectors:
                     f = await ins.outbound_tool(ctx, name, arguments)
-                    if f is not None and f.action == "block":
+                    if f is not None and f.action != "block":
+                        self._flagged(ctx, f"tool {name}", f)
+                    elif f is not None:
                         decision = dataclasses.replace(
                             decision,
                             outcome="deny",
@@ -574,6 +578,28 @@ class LLMGateway:
 
         return decide
 
+    def _flagged(self, ctx: InspectContext, where: str, f: Finding) -> None:
+        """A ``flag`` finding changes nothing for the agent; it is recorded (not awaited: the
+        call goes on, and a failed record is logged)."""
+        ev = Event(
+            type="llm.finding",
+            actor=str(ctx.principal.subject),
+            subject=ctx.model,
+            session=ctx.principal.task,
+            decision=None,
+            data={
+                "request_id": ctx.request_id,
+                "api": ctx.api,
+                "where": where,
+                "detector": f.detector,
+                "finding": f.action,
+                "reason": f.reason,
+            },
+        )
+        fut = self._start_record(ev)
+        self._background.add(fut)
+        fut.add_done_callback(self._recorded)
+
     def _text_hook(self, call: _Call) -> Callable[[str], Awaitable[str | None]] | None:
         if not self.inspectors:
             return None
@@ -582,7 +608,9 @@ class LLMGateway:
         async def hook(text: str) -> str | None:
             for ins in self.inspectors:
                 f = await ins.outbound_text(ctx, text)
-                if f is not None and f.action == "block":
+                if f is not None and f.action != "block":
+                    self._flagged(ctx, "outbound text", f)
+                elif f is not None:
                     return f"{f.detector}: {f.reason}"
             return None
 
@@ -674,13 +702,14 @@ class LLMGateway:
         # hold the connection: a keep-alive client's next request would queue behind it.
         fut = self._start_record(dataclasses.replace(ev, type="llm.response"))
         self._background.add(fut)
-        fut.add_done_callback(self._response_recorded)
+        fut.add_done_callback(self._recorded)
 
-    def _response_recorded(self, fut: asyncio.Future[Any]) -> None:
+    def _recorded(self, fut: asyncio.Future[Any]) -> None:
+        """A background record (a response, a finding) settled: log it if it failed."""
         self._background.discard(fut)
         e = None if fut.cancelled() else fut.exception()
         if e is not None:
-            log.error("recording an LLM response failed: %s", type(e).__name__)
+            log.error("recording an LLM event in the background failed: %s", type(e).__name__)
 
     def _start_record(self, ev: Event) -> asyncio.Future[Any]:
         """Start making ``ev`` durable; the returned future settles when it is (or fails)."""

@@ -42,7 +42,9 @@ class Inspector(Protocol):
         ...
 
     async def outbound_text(self, ctx: InspectContext, text: str) -> Finding | None:
-        """A piece of model text (a whole message, or one streamed delta)."""
+        """Model text: a whole message, or for a stream each delta with up to 1 KiB of the
+        text before it (so a phrase split across deltas is seen; a detector that must not
+        count a match twice tracks what it has already reported)."""
         ...
 
     async def outbound_tool(

@@ -43,6 +43,9 @@ __all__ = [
     "stream_error",
 ]
 
+# How much of the streamed text before a delta the outbound text hook sees with it.
+HOOK_OVERLAP = 1024
+
 
 @dataclass(frozen=True, slots=True)
 class ToolVerdict:
@@ -127,6 +130,7 @@ class Gate:
     finish: str | None = None
     blocked: str | None = None  # set when an outbound text hook blocked the stream
     complete: bool = False  # the upstream finished the response properly
+    _tail: str = ""  # the last HOOK_OVERLAP characters the text hook saw
 
     async def feed(self, ev: bytes) -> list[bytes]:
         raise NotImplementedError
@@ -156,7 +160,11 @@ class Gate:
     async def _text(self, piece: str) -> None:
         self.text.append(piece)
         if self.text_hook is not None and self.blocked is None:
-            self.blocked = await self.text_hook(piece)
+            # The hook sees the delta with the text just before it, so a phrase split across
+            # deltas is still seen (a detector on single deltas would miss it silently).
+            window = self._tail + piece
+            self._tail = window[-HOOK_OVERLAP:]
+            self.blocked = await self.text_hook(window)
 
     def assembled(self) -> dict[str, Any]:
         out: dict[str, Any] = {"text": "".join(self.text), "tool_calls": self.tools}
