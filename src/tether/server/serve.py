@@ -14,6 +14,7 @@ from starlette.types import ASGIApp
 from tether.errors import ConfigError
 from tether.gateways.llm.gateway import LLMGateway, with_llm_gateway
 from tether.gateways.llm.mount import build_llm_gateway
+from tether.runtime.supervisor import BeamSupervisor
 from tether.server.app import create_app
 from tether.server.routes_usage import usage_router
 from tether.server.services import Services
@@ -75,21 +76,28 @@ def bind_sockets(services: Services, listen: str | None) -> list[socket.socket]:
         raise
 
 
-def build_server_app(services: Services) -> tuple[ASGIApp, LLMGateway]:
+def build_server_app(
+    services: Services, beams: BeamSupervisor | None = None
+) -> tuple[ASGIApp, LLMGateway]:
     """The whole server on one port: the LLM gateway's fast path for its four paths
     (``/v1/chat/completions``, ``/v1/responses``, ``/v1/models``, ``/v1/messages``) in front
     of the FastAPI app (identity, audit, approvals, usage)."""
     app = create_app(services)
     gateway = build_llm_gateway(services)
     app.include_router(usage_router(gateway.ledger))
-    return with_llm_gateway(app, gateway), gateway
+    server_app = with_llm_gateway(app, gateway)
+    if beams is not None:  # /v1/beams; each beam's bridge socket serves this same app
+        app.state.beams = beams
+        beams.bridge_app = server_app
+    return server_app, gateway
 
 
 def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> None:
     services = Services(root)
     try:
         sockets = bind_sockets(services, listen)
-        app, gateway = build_server_app(services)
+        beams = BeamSupervisor(services)
+        app, gateway = build_server_app(services, beams)
         config = uvicorn.Config(
             app,
             log_level=log_level,
@@ -103,9 +111,12 @@ def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> 
         server = uvicorn.Server(config)
 
         async def run() -> None:
+            # reaps what a crashed run left; ends every beam as soon as the server stops
+            await beams.start(should_exit=lambda: server.should_exit)
             try:
                 await server.serve(sockets=sockets)
             finally:
+                await beams.aclose()  # every beam killed and its end recorded, log still open
                 await gateway.aclose()  # upstream pools, and the usage ledger's last writes
 
         # uvicorn's loop (uvloop when installed, as uvicorn[standard] does): the gateway's
