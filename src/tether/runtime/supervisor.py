@@ -435,8 +435,8 @@ class BeamSupervisor:
         self.base_fs.warm()
         try:
             await asyncio.to_thread(self.reap_leftovers)
-        except TetherError as e:
-            log.error("reaping leftover beams failed: %s", e.message)
+        except Exception as e:  # the server still starts; the log says what is left
+            log.error("reaping leftover beams failed: %s: %s", type(e).__name__, e)
         if should_exit is not None:
             self._watcher = asyncio.create_task(self._end_on_exit(should_exit))
 
@@ -488,8 +488,8 @@ class BeamSupervisor:
                 )
             except ConfigError as e:
                 why = self._unusable[name] = e.message
-            except ImportError as e:
-                why = self._unusable[name] = f"the {name} backend is not installed ({e})"
+            except Exception as e:  # a broken backend module must not take the server down
+                why = self._unusable[name] = f"the {name} backend failed to load ({e})"
             else:
                 self._backends[name] = found
                 return found
