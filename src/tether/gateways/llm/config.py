@@ -16,6 +16,11 @@
     base_url = "https://api.openai.com/v1"
     api_key_env = "OPENAI_API_KEY"    # or api_key_file = "/run/secrets/openai"
 
+    [llm.providers.local]
+    kind = "openai-compatible"        # vLLM, llama.cpp, Ollama ...
+    base_url = "http://127.0.0.1:8000/v1"
+    anthropic_messages = true         # it also serves Anthropic Messages at <base_url>/messages
+
     [[llm.routes]]
     model = "gpt-4o*"                 # glob on the model name the agent asks for
     provider = "openai"
@@ -102,12 +107,13 @@ class Provider:
     base_url: str
     api_key: Secret | None = field(default=None, repr=False)
     key_source: str = ""  # "env:NAME" / "file:PATH" (for docs and errors; not the key)
+    anthropic_messages: bool = False  # an openai-compatible server that also speaks Messages
 
     @property
     def protocol(self) -> Literal["openai", "anthropic", "both"]:
         if self.kind == "anthropic":
             return "anthropic"
-        if self.kind == "scripted":
+        if self.kind == "scripted" or self.anthropic_messages:
             return "both"
         return "openai"
 
@@ -240,7 +246,16 @@ def parse_llm_config(
             if kind != "scripted" and not base.startswith(("http://", "https://")):
                 raise ConfigError(f'[llm.providers.{name}] needs base_url = "http(s)://..."')
             key, source = _load_key(str(name), ptable, env)
-            providers[str(name)] = Provider(str(name), cast(ProviderKind, kind), base, key, source)
+            messages = ptable.get("anthropic_messages", False)
+            if not isinstance(messages, bool):
+                raise ConfigError(f"[llm.providers.{name}] anthropic_messages must be true/false")
+            if messages and kind != "openai-compatible":
+                raise ConfigError(
+                    f"[llm.providers.{name}] anthropic_messages is for openai-compatible servers"
+                )
+            providers[str(name)] = Provider(
+                str(name), cast(ProviderKind, kind), base, key, source, messages
+            )
         routes: list[Route] = []
         for i, rtable in enumerate(table.get("routes", [])):
             where = f"[[llm.routes]] #{i + 1}"

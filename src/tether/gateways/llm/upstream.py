@@ -352,6 +352,8 @@ class Upstreams:
     def path(provider: Provider, api: Api) -> str:
         if provider.kind == "scripted":
             return "/v1" + _PATH[api] if api != "messages" else _PATH[api]
+        if provider.kind == "openai-compatible" and api == "messages":
+            return "/messages"  # its base_url already ends in /v1
         return _PATH[api]
 
     @staticmethod
