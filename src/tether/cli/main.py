@@ -15,6 +15,7 @@ from rich.tree import Tree
 
 from tether.cli import audit as audit_cli
 from tether.cli.approvals import approvals_app, request_cmd
+from tether.cli.beam import beam_app, run_cmd
 from tether.cli.client import ApiClient, read_token_file
 from tether.cli.policy import policy_app
 from tether.cli.usage import usage_cmd
@@ -42,6 +43,8 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(approvals_app, name="approvals")
 app.command("request")(request_cmd)
 app.command("usage")(usage_cmd)
+app.command("run")(run_cmd)
+app.add_typer(beam_app, name="beam")
 
 out = Console()
 err = Console(stderr=True)
