@@ -119,6 +119,8 @@ async def _exec_stream(proc: asyncio.subprocess.Process) -> AsyncIterator[bytes]
         finally:
             await queue.put(None)
 
+    if proc.stdin is not None:
+        proc.stdin.close()  # nothing is sent to it: a command reading stdin sees EOF
     tasks = [
         asyncio.create_task(pump(proc.stdout, "out")),
         asyncio.create_task(pump(proc.stderr, "err")),
