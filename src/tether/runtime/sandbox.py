@@ -62,9 +62,10 @@ class SandboxSpec:
 
     beam_id: str
     argv: tuple[str, ...]
-    env: Mapping[str, str]
+    # The environment and files carry the beam's token: never in a repr (or a log line).
+    env: Mapping[str, str] = field(repr=False)
     workspace: Path
-    files: Mapping[str, bytes]
+    files: Mapping[str, bytes] = field(repr=False)
     bridge_socket: Path
     bridge_port: int = 8080
     egress_socket: Path | None = None
