@@ -301,7 +301,7 @@ class EgressGateway:
             if self._open >= self.settings.max_connections:
                 log.warning("egress gateway at capacity (%d connections)", self._open)
                 err = ProxyError(503, "too many open connections; retry later", "over_capacity")
-                await _answer(reader, writer, err, linger=True)
+                await _answer(reader, writer, err)
                 return
             self._open += 1
             try:
@@ -341,13 +341,13 @@ class EgressGateway:
             if not e.recorded:
                 await self._record_refusal(conn, e)
             if not conn.answered:
-                await _answer(reader, writer, e, linger=e.status != 408)
+                await _answer(reader, writer, e)
         except Exception as e:  # never a crash, never a traceback to the client
             log.error("egress gateway failed: %s", type(e).__name__, exc_info=True)
             err = ProxyError(502, f"gateway error ({type(e).__name__})", "gateway_error")
             await self._record_refusal(conn, err)
             if not conn.answered:
-                await _answer(reader, writer, err, linger=False)
+                await _answer(reader, writer, err)
 
     def _identify(self, req: ProxyRequest, bound: TokenClaims | None) -> TokenClaims:
         if bound is not None:
@@ -501,7 +501,15 @@ class EgressGateway:
                 break
             try:
                 async with asyncio.timeout(remaining):
-                    r, w = await asyncio.open_connection(str(ip), target.port, limit=CHUNK)
+                    # by address, numerically: this can never become a second DNS lookup
+                    r, w = await asyncio.open_connection(
+                        str(ip),
+                        target.port,
+                        limit=CHUNK,
+                        family=socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                        proto=socket.IPPROTO_TCP,
+                        flags=socket.AI_NUMERICHOST,
+                    )
                 return r, w, ip
             except TimeoutError:
                 break
@@ -738,15 +746,14 @@ def _abort(writer: asyncio.StreamWriter) -> None:
 
 
 async def _answer(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: ProxyError, linger: bool
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, err: ProxyError
 ) -> None:
-    """Send the refusal, then (``linger``) read and discard what the client is still sending
-    for a moment, so closing does not reset the connection before it reads the answer."""
+    """Send the refusal and our FIN, then read and discard what the client is still sending
+    for a moment (at most LINGER seconds, LINGER_BYTES bytes): closing a socket with unread
+    input sends a reset, which can destroy the answer before the client reads it."""
     try:
         writer.write(render_error(err))
         await writer.drain()
-        if not linger:
-            return
         if writer.can_write_eof():
             writer.write_eof()
         async with asyncio.timeout(LINGER):
