@@ -62,7 +62,7 @@ FULL = Plan(setups=2000, requests=5000, bulk_mb=64, repeats=3)
 QUICK = Plan(setups=300, requests=1000, bulk_mb=16, repeats=2)
 
 
-# -- the destination process --------------------------------------------------------------------
+# -- the destination process -----------------------------------------------------------------
 
 
 async def _dest_main(port_file: Path) -> None:
@@ -98,7 +98,7 @@ async def _dest_main(port_file: Path) -> None:
     await asyncio.Event().wait()
 
 
-# -- the gateway process ----------------------------------------------------------------------------
+# -- the gateway process ---------------------------------------------------------------------
 
 
 async def _gateway_main(home: Path, out: Path, memory_audit: bool) -> None:
@@ -145,7 +145,7 @@ def _run_loop(coro_factory: object) -> None:
         asyncio.run(coro_factory)  # type: ignore[arg-type]
 
 
-# -- the client ------------------------------------------------------------------------------------
+# -- the client ------------------------------------------------------------------------------
 
 
 def _spawn(args: list[str], out: Path) -> subprocess.Popen[bytes]:
