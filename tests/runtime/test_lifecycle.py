@@ -446,6 +446,33 @@ async def test_creation_fails_closed_when_the_log_cannot_record(
     assert fake.specs == []
 
 
+async def test_a_beam_whose_start_cannot_be_recorded_does_not_run(
+    sup: BeamSupervisor,
+    services: Services,
+    admin: TokenClaims,
+    fake: FakeBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = services.audit.arecord
+
+    async def no_start(event: Any) -> Any:
+        if event.type == "beam.start":
+            raise RecordFailed("audit log unavailable (test)")
+        return await real(event)
+
+    monkeypatch.setattr(services.audit, "arecord", no_start)
+    with pytest.raises(RecordFailed):
+        await sup.create(admin, req(PY, "-c", "import time; time.sleep(3600)"))
+    [sandbox] = fake.sandboxes
+    assert sandbox.proc.returncode is not None  # killed, not left running
+    [rec] = await sup.list(admin)
+    assert rec.state == "ended" and rec.end_reason == "killed"
+    end = services.audit.session(rec.id)[-1]
+    assert end["type"] == "beam.end" and end["data"]["by"] == "audit log unavailable"
+    with pytest.raises(TokenRevoked):
+        services.verifier.verify(fake.specs[0].env["OPENAI_API_KEY"])
+
+
 async def test_a_sandbox_that_fails_to_start_is_recorded_and_its_identity_revoked(
     sup: BeamSupervisor, services: Services, admin: TokenClaims, fake: FakeBackend
 ) -> None:

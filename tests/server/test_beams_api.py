@@ -154,7 +154,7 @@ async def live(services: Services, admin_token: str) -> AsyncIterator[Live]:
     runtime = Path(tempfile.mkdtemp(prefix="ta-"))
     sup = BeamSupervisor(services, runtime_dir=runtime)
     app, gateway = build_server_app(services, sup)
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # NODELAY
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]

@@ -677,10 +677,19 @@ class BeamSupervisor:
             deadline=loop.time() + req.ttl,
         )
         self._live[beam_id] = live
+        # The row is written while the sandbox starts; both must succeed before the beam
+        # counts as running (a restart reaps from the row and from the backend's state).
+        insert = asyncio.ensure_future(asyncio.to_thread(self.store.insert, rec))
+        sandbox: Sandbox | None = None
         try:
-            await asyncio.to_thread(self.store.insert, rec)
             sandbox = await self._start_sandbox(live, backend, issued.token, req)
+            await insert
         except BaseException as e:
+            await asyncio.gather(insert, return_exceptions=True)
+            if sandbox is not None:
+                with contextlib.suppress(Exception):
+                    await sandbox.kill()
+                    await asyncio.wait_for(sandbox.wait(), KILL_BACKSTOP)
             await self._fail(live, e)
             raise
         live.sandbox = sandbox
@@ -693,30 +702,35 @@ class BeamSupervisor:
             state="running", started_ms=_now_ms(svc.clock), pid=sandbox.pid, info=info
         )
         live.watch = asyncio.create_task(self._watch(live))
-        try:
-            await svc.audit.arecord(
-                Event(
-                    type="beam.start",
-                    actor=str(caller.subject),
-                    subject=spiffe,
-                    session=beam_id,
-                    data={
-                        "backend": backend.name,
-                        "pid": sandbox.pid,
-                        "token_id": claims.token_id,
-                        "expires_at": claims.expires_at,
-                        "limits": rec.limits,
-                        "warnings": info.get("warnings", []),
-                    },
-                )
-            )
-        except RecordFailed:
+        start_event = Event(
+            type="beam.start",
+            actor=str(caller.subject),
+            subject=spiffe,
+            session=beam_id,
+            data={
+                "backend": backend.name,
+                "pid": sandbox.pid,
+                "token_id": claims.token_id,
+                "expires_at": claims.expires_at,
+                "limits": rec.limits,
+                "warnings": info.get("warnings", []),
+            },
+        )
+        recorded, saved = await asyncio.gather(
+            svc.audit.arecord(start_event),
+            asyncio.to_thread(self.store.save, rec),
+            return_exceptions=True,
+        )
+        if isinstance(recorded, BaseException):
             # fail closed: a beam whose start is not on the record does not run
             live.end_reason = ("killed", "audit log unavailable")
             await sandbox.kill()
             await live.done.wait()
-            raise
-        await asyncio.to_thread(self.store.save, rec)
+            if isinstance(recorded, TetherError):
+                raise recorded
+            raise RecordFailed(f"audit record failed: {type(recorded).__name__}") from recorded
+        if isinstance(saved, BaseException):  # the end saves it again; the log has the start
+            log.error("could not save beam %s as running: %s", beam_id, saved)
         svc.core.settle(decision, action.cost)
         return rec
 
