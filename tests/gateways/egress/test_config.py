@@ -16,6 +16,7 @@ from tether.gateways.egress.config import (
     DEFAULT_MAX_HEADER_BYTES,
     parse_egress_config,
 )
+from tether.gateways.egress.gateway import EgressGateway
 from tether.gateways.egress.mount import build_egress_gateway
 from tether.server.services import Services
 
@@ -103,3 +104,11 @@ async def test_system_resolver() -> None:
     with pytest.raises(ResolveError) as e:
         await resolver.resolve("no-such-name.invalid", 443)
     assert "no-such-name.invalid" in str(e.value)
+
+
+async def test_tcp_listen_on_a_busy_port_is_a_config_error(gateway: EgressGateway) -> None:
+    first = await gateway.serve_tcp("127.0.0.1", 0)
+    assert first.address is not None
+    with pytest.raises(ConfigError) as e:
+        await gateway.serve_tcp("127.0.0.1", first.address[1])
+    assert "cannot listen" in e.value.message

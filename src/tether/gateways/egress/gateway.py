@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.errors import InvalidToken, TetherError, TokenExpired, TokenRevoked
+from tether.errors import ConfigError, InvalidToken, TetherError, TokenExpired, TokenRevoked
 from tether.events import Event, Recorder
 from tether.gateways.egress.addresses import (
     AddressPolicy,
@@ -247,11 +247,17 @@ class EgressGateway:
     async def serve_tcp(
         self, host: str = "127.0.0.1", port: int = 0, claims: TokenClaims | None = None
     ) -> EgressListener:
-        """Listen on TCP (``port=0``: a free port, see ``listener.address``)."""
+        """Listen on TCP (``port=0``: a free port, see ``listener.address``). Raises
+        ConfigError if the address cannot be bound."""
         listener = EgressListener(self, "", claims)
-        server = await asyncio.start_server(
-            listener._accept, host, port, limit=CLIENT_LIMIT, backlog=1024, reuse_address=True
-        )
+        try:
+            server = await asyncio.start_server(
+                listener._accept, host, port, limit=CLIENT_LIMIT, backlog=1024, reuse_address=True
+            )
+        except OSError as e:
+            raise ConfigError(
+                f"egress gateway cannot listen on {host}:{port}: {e.strerror or e}"
+            ) from e
         sockname = server.sockets[0].getsockname()
         listener.address = (str(sockname[0]), int(sockname[1]))
         listener.name = f"tcp:{listener.address[0]}:{listener.address[1]}"
@@ -422,7 +428,7 @@ class EgressGateway:
             else:
                 async with asyncio.timeout(s.connect_timeout):
                     candidates = await self.resolver.resolve(target.host, target.port)
-        except (ResolveError, TimeoutError) as e:
+        except (ResolveError, TimeoutError, OSError) as e:
             text = str(e) or f"resolving {target.host!r} timed out"
             await self._record_decision(conn, decision, {"error": text})
             self.core.settle(decision, None)
@@ -554,7 +560,7 @@ class EgressGateway:
         except ClientGone:
             result.ended = result.ended or "client_closed"
         except (ConnectionError, OSError) as e:
-            result.ended = result.ended or "client_reset"
+            result.ended = result.ended or "connection_reset"
             result.error = type(e).__name__
         finally:
             for t in (body, response):
