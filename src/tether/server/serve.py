@@ -12,6 +12,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from tether.errors import ConfigError
+from tether.gateways.egress.mount import build_egress_gateway
 from tether.gateways.llm.gateway import LLMGateway, with_llm_gateway
 from tether.gateways.llm.mount import build_llm_gateway
 from tether.runtime.supervisor import BeamSupervisor
@@ -96,7 +97,8 @@ def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> 
     services = Services(root)
     try:
         sockets = bind_sockets(services, listen)
-        beams = BeamSupervisor(services)
+        egress = build_egress_gateway(services)  # a unix socket per beam with --allow-domain
+        beams = BeamSupervisor(services, egress=egress)
         app, gateway = build_server_app(services, beams)
         config = uvicorn.Config(
             app,
@@ -117,6 +119,7 @@ def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> 
                 await server.serve(sockets=sockets)
             finally:
                 await beams.aclose()  # every beam killed and its end recorded, log still open
+                await egress.aclose()
                 await gateway.aclose()  # upstream pools, and the usage ledger's last writes
 
         # uvicorn's loop (uvloop when installed, as uvicorn[standard] does): the gateway's
