@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import shutil
 import socket
@@ -17,6 +18,8 @@ import httpx
 import pytest
 import uvicorn
 
+from tether.gateways.egress import EgressGateway, build_egress_gateway
+from tether.gateways.egress.addresses import StaticResolver
 from tether.runtime.supervisor import BeamSupervisor
 from tether.server.app import create_app
 from tether.server.serve import build_server_app
@@ -149,10 +152,13 @@ def out_of(frames: list[dict[str, Any]], stream: str = "out") -> str:
     return "".join(base64.b64decode(f["b64"]).decode() for f in frames if f.get("s") == stream)
 
 
-@pytest.fixture
-async def live(services: Services, admin_token: str) -> AsyncIterator[Live]:
+@contextlib.asynccontextmanager
+async def serving(
+    services: Services, token: str, egress: EgressGateway | None = None
+) -> AsyncIterator[Live]:
+    """The server as `tether serve` builds it, on a free port, in this event loop."""
     runtime = Path(tempfile.mkdtemp(prefix="ta-"))
-    sup = BeamSupervisor(services, runtime_dir=runtime)
+    sup = BeamSupervisor(services, runtime_dir=runtime, egress=egress)
     app, gateway = build_server_app(services, sup)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # NODELAY
     sock.bind(("127.0.0.1", 0))
@@ -166,7 +172,7 @@ async def live(services: Services, admin_token: str) -> AsyncIterator[Live]:
     async with asyncio.timeout(30):
         while not server.started:
             await asyncio.sleep(0.01)
-    lv = Live(f"http://127.0.0.1:{port}", services, sup, admin_token)
+    lv = Live(f"http://127.0.0.1:{port}", services, sup, token)
     try:
         yield lv
     finally:
@@ -174,9 +180,17 @@ async def live(services: Services, admin_token: str) -> AsyncIterator[Live]:
         server.should_exit = True
         await task
         await sup.aclose()
+        if egress is not None:
+            await egress.aclose()
         await gateway.aclose()
         sock.close()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+@pytest.fixture
+async def live(services: Services, admin_token: str) -> AsyncIterator[Live]:
+    async with serving(services, admin_token) as lv:
+        yield lv
 
 
 GATEWAY_PROBE = """
@@ -309,3 +323,83 @@ async def test_policy_deny_is_403_and_recorded(live: Live, services: Services) -
     # the user is not an agent: still allowed
     rec = await live.create("true")
     assert (await live.frames(rec["id"]))[-1]["end"]["exit_code"] == 0
+
+
+EGRESS_PROBE = """
+import json, sys, urllib.request, urllib.error
+port = int(sys.argv[1])
+def get(host):
+    try:
+        with urllib.request.urlopen(f'http://{host}:{port}/hello', timeout=30) as r:
+            return [r.status, r.read().decode()]
+    except urllib.error.HTTPError as e:
+        return [e.code, '']
+    except OSError as e:
+        return ['error', type(e).__name__]
+print(json.dumps({'allowed': get('allowed.test'), 'other': get('other.test')}))
+"""
+
+
+async def _upstream() -> tuple[asyncio.Server, int]:
+    """A plain HTTP server on the host's loopback: what the allowed domain resolves to."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b"hello from outside"
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%b"
+            % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+@needs_bwrap
+async def test_allowed_domains_go_through_the_egress_gateway_and_nothing_else(
+    home: Path, admin_credential: str
+) -> None:
+    config = home / "config.toml"
+    config.write_text(config.read_text() + '\n[egress]\nallow_private = ["127.0.0.1/32"]\n')
+    services = Services(home)
+    upstream, port = await _upstream()
+    try:
+        token = services.authority.login(admin_credential).token
+        egress = build_egress_gateway(
+            services,
+            resolver=StaticResolver({"allowed.test": ["127.0.0.1"], "other.test": ["127.0.0.1"]}),
+        )
+        async with serving(services, token, egress) as lv:
+            rec = await lv.create(
+                "python", "-c", EGRESS_PROBE, str(port), allow_domains=["allowed.test"]
+            )
+            assert "egress:allowed.test" in rec["grants"]
+            frames = await lv.frames(rec["id"])
+            seen = json.loads(out_of(frames))
+            await egress.drain()
+        assert seen["allowed"] == [200, "hello from outside"]
+        assert seen["other"][0] == 403  # not granted: refused by the gateway
+        decided = services.audit.search(type="egress.connect", session=rec["id"])
+        outcomes = {e["subject"]: e["decision"] for e in decided}
+        assert outcomes == {f"allowed.test:{port}": "allow", f"other.test:{port}": "deny"}
+        assert all(e["actor"] == rec["spiffe_id"] for e in decided)
+    finally:
+        upstream.close()
+        services.close()
+
+
+@needs_bwrap
+async def test_without_allowed_domains_a_beam_has_no_proxy(live: Live) -> None:
+    rec = await live.create(
+        "python",
+        "-c",
+        "import os, json; print(json.dumps(sorted(k for k in os.environ if 'PROXY' in k.upper())))",
+    )
+    assert json.loads(out_of(await live.frames(rec["id"]))) == []
+    # a server without an egress gateway refuses --allow-domain instead of ignoring it
+    r = await live.http.post(
+        "/v1/beams", json={"objective": "x", "argv": ["true"], "allow_domains": ["pypi.org"]}
+    )
+    assert r.status_code == 503 and "egress" in r.json()["error_description"]

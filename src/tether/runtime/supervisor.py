@@ -81,7 +81,7 @@ __all__ = [
     "BRIDGE_PATHS",
     "BeamServices",
     "BeamSupervisor",
-    "EgressProvider",
+    "EgressGatewayLike",
     "LogBook",
 ]
 
@@ -134,13 +134,18 @@ class BeamServices(Protocol):
     bundle_doc: dict[str, Any]
 
 
-class EgressProvider(Protocol):
-    """The egress (HTTP CONNECT) gateway's per-beam seam: a unix socket that admits only this
-    beam's connections, decided as ``egress.connect`` Actions with its token."""
+class EgressListenerLike(Protocol):
+    async def aclose(self) -> None: ...
 
-    async def open_beam(self, beam_id: str, claims: TokenClaims, socket_path: Path) -> None: ...
 
-    async def close_beam(self, beam_id: str) -> None: ...
+class EgressGatewayLike(Protocol):
+    """What the supervisor needs of the egress (HTTP CONNECT) gateway
+    (:class:`tether.gateways.egress.EgressGateway`): a unix socket per beam whose every
+    connection acts as the beam, each decided as an ``egress.connect`` Action."""
+
+    async def serve_unix(
+        self, path: str | os.PathLike[str], claims: TokenClaims | None = None, mode: int = 0o600
+    ) -> EgressListenerLike: ...
 
 
 def _now_ms(clock: Clock) -> int:
@@ -356,6 +361,7 @@ class _Live:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     watch: asyncio.Task[None] | None = None
+    egress: EgressListenerLike | None = None
     violations: int = 0
 
 
@@ -388,7 +394,7 @@ class BeamSupervisor:
         backends: Mapping[str, Backend] | None = None,
         base_fs: BaseFsDigest | None = None,
         tools: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
-        egress: EgressProvider | None = None,
+        egress: EgressGatewayLike | None = None,
         runtime_dir: Path | None = None,
     ) -> None:
         self.services = services
@@ -533,6 +539,10 @@ class BeamSupervisor:
             raise BackendUnavailable("the server is stopping; no new beams")
         svc = self.services
         backend = self.backend(req.backend)
+        if req.allow_domains and self.egress is None:
+            raise BackendUnavailable(
+                "this server has no egress gateway: beams cannot be allowed any domain"
+            )
         workspace, owned = self._check_workspace(caller, req)
         beam_id = new_beam_id()
         spiffe = str(SpiffeId(self.trust_domain, "beam", beam_id))
@@ -749,9 +759,11 @@ class BeamSupervisor:
 
         await self._bridge.open(beam_id, live.socket_path, violation)
         egress_socket: Path | None = None
-        if req.allow_domains and self.egress is not None:
+        if req.allow_domains:
+            if self.egress is None:
+                raise BackendUnavailable("this server has no egress gateway for --allow-domain")
             egress_socket = self.runtime_dir / f"{beam_id}.egress.sock"
-            await self.egress.open_beam(beam_id, live.claims, egress_socket)
+            live.egress = await self.egress.serve_unix(egress_socket, claims=live.claims)
         env = agentenv.beam_environment(
             beam_id=beam_id,
             spiffe_id=rec.spiffe_id,
@@ -851,9 +863,9 @@ class BeamSupervisor:
                 t.cancel()
         if self._bridge is not None:
             await self._bridge.close(rec.id, live.socket_path)
-        if self.egress is not None and rec.allow_domains:
+        if live.egress is not None:  # cuts its open tunnels (each recorded as ended)
             with contextlib.suppress(Exception):
-                await self.egress.close_beam(rec.id)
+                await live.egress.aclose()
         revoked = await self._revoke(live.claims, f"beam {rec.id} ended ({reason})")
         ended_ms = _now_ms(svc.clock)
         end: dict[str, Any] = {
