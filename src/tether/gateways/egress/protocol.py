@@ -22,11 +22,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "ESTABLISHED",
     "HOP_BY_HOP",
     "IPAddress",
     "ProxyError",
     "ProxyRequest",
     "Target",
+    "content_length",
     "forward_head",
     "parse_head",
     "parse_host",
