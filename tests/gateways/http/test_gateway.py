@@ -34,6 +34,15 @@ def _events(services: Services, type_: str) -> list[dict[str, Any]]:
     return services.audit.search(type=type_, limit=1000)
 
 
+def _last_response(services: Services) -> dict[str, Any]:
+    """The latest recorded response: inside a safe request's one record, or a record of its
+    own (unsafe or streamed requests)."""
+    for e in reversed(services.audit.search(limit=10_000)):
+        if e["type"] in ("http.request", "http.response") and "response" in e["data"]:
+            return e
+    raise AssertionError("no response recorded")
+
+
 def _body_of(services: Services, entry: dict[str, Any], name: str) -> bytes:
     return services.audit.body(entry["bodies"][name])  # type: ignore[no-any-return]
 
@@ -76,15 +85,17 @@ async def test_get_forwarded_with_credential_injected_and_recorded(
     # the upstream echoed its headers: the agent sees the credential masked, never in clear
     assert SECRET not in r.body.decode() and "*" * len(SECRET) in r.body.decode()
     await gateway.drain()
-    req = _events(services, "http.request")[-1]
+    # a GET and its whole response: one record, durable before the agent saw a byte
+    [req] = _events(services, "http.request")
+    assert _events(services, "http.response") == []
     assert req["decision"] == "allow" and req["subject"] == "crm/customers/42"
     assert req["data"]["action"]["context"] == {"method": "GET", "path": "/customers/42"}
     assert req["data"]["headers"]["authorization"] == "[REDACTED]"
     assert req["data"]["request_id"] == rid and req["data"]["rule"] == 1
-    resp = _events(services, "http.response")[-1]
-    assert resp["data"]["status"] == "ok" and resp["data"]["upstream_status"] == 200
-    assert resp["data"]["response_bytes"] == len(r.body)
-    recorded = _body_of(services, resp, "response")
+    resp = req["data"]["response"]
+    assert resp["status"] == "ok" and resp["upstream_status"] == 200
+    assert resp["bytes"] == len(r.body)
+    recorded = _body_of(services, req, "response")
     assert b'"path": "/api/customers/42"' in recorded
     assert b'"authorization": "[REDACTED]"' in recorded  # the log redacts by key, too
 
@@ -158,8 +169,8 @@ async def test_post_body_forwarded_and_recorded_capped_with_secrets_redacted(
     recorded = _body_of(services, req, "request")
     assert len(recorded) <= 256 + 20 and b"hunter2" not in recorded
     assert b"[REDACTED]" in recorded
-    resp = _events(services, "http.response")[-1]
-    assert resp["data"]["response_truncated"] is True
+    resp = _events(services, "http.response")[-1]  # a POST: its response has its own record
+    assert resp["data"]["response"]["truncated"] is True
     assert len(_body_of(services, resp, "response")) <= 256 + 20
 
 
@@ -208,9 +219,8 @@ async def test_cookies_pass_when_the_service_says_so(
     await gw.aclose()
     assert upstream.seen[-1].header("cookie") == ["sid=agent"]
     assert r.header("set-cookie") == "session=upstream-session-abc; HttpOnly"
-    await asyncio.sleep(0)
-    resp = _events(services, "http.response")[-1]
-    assert resp["data"]["headers"]["set-cookie"] == "[REDACTED]"
+    resp = _last_response(services)
+    assert resp["data"]["response"]["headers"]["set-cookie"] == "[REDACTED]"
 
 
 # -- refusals: authentication, unknown service, method, size -------------------------------------
@@ -565,8 +575,7 @@ async def test_upstream_that_hangs_is_a_504(
     r = await asgi_call(gw, "GET", "/http/crm/hang", token=token)
     await gw.aclose()
     assert r.status == 504 and r.json()["error"]["type"] == "upstream_timeout"
-    resp = _events(services, "http.response")[-1]
-    assert resp["data"]["status"] == "upstream_timeout"
+    assert _last_response(services)["data"]["response"]["status"] == "upstream_timeout"
 
 
 async def test_upstream_that_hangs_mid_body_cuts_the_response(
@@ -577,7 +586,7 @@ async def test_upstream_that_hangs_mid_body_cuts_the_response(
     await gw.aclose()
     assert r.status == 200 and r.body == b"partial"
     assert not r.complete  # never a body that looks whole
-    assert _events(services, "http.response")[-1]["data"]["status"] == "upstream_timeout"
+    assert _last_response(services)["data"]["response"]["status"] == "upstream_timeout"
 
 
 async def _garbage_server(reply: bytes) -> tuple[asyncio.Server, int]:
@@ -614,7 +623,7 @@ async def test_upstream_garbage_is_a_502(
         server.close()
     assert r.status == 502, r.body
     assert r.json()["error"]["type"] == kind
-    assert _events(services, "http.response")[-1]["data"]["status"] == kind
+    assert _last_response(services)["data"]["response"]["status"] == kind
 
 
 async def test_unreachable_upstream_is_a_502_and_releases_the_limit(
@@ -624,7 +633,7 @@ async def test_unreachable_upstream_is_a_502_and_releases_the_limit(
     r = await asgi_call(gw, "GET", "/http/crm/x", token=mint(["http:*"]))
     await gw.aclose()
     assert r.status == 502 and r.json()["error"]["type"] == "upstream_unreachable"
-    assert _events(services, "http.response")[-1]["data"]["status"] == "upstream_unreachable"
+    assert _last_response(services)["data"]["response"]["status"] == "upstream_unreachable"
 
 
 async def test_response_over_the_cap(services: Services, upstream: Upstream, token: str) -> None:
@@ -658,8 +667,8 @@ async def test_stream_forwarded_as_it_arrives(
     assert r.body == b"data: one\n\ndata: two\n\n"
     assert r.header("content-type") == "text/event-stream"
     await gateway.drain()
-    resp = _events(services, "http.response")[-1]
-    assert resp["data"]["status"] == "ok"
+    resp = _events(services, "http.response")[-1]  # streamed: request, then response records
+    assert resp["data"]["response"]["status"] == "ok"
     assert _body_of(services, resp, "response") == r.body
 
 

@@ -124,6 +124,32 @@ def test_outbound_drops_hop_by_hop_and_cookies_masks_secret_rewrites_location() 
     ]
 
 
+@pytest.mark.parametrize(
+    "location,base,expected",
+    [
+        ("http://crm.internal/api/x?y=1", "http://crm.internal/api", "/http/crm/x?y=1"),
+        ("http://crm.internal/api", "http://crm.internal/api", "/http/crm"),
+        ("/api/x", "http://crm.internal/api", "/http/crm/x"),
+        ("/apix/y", "http://crm.internal/api", "/apix/y"),
+        ("/x", "http://crm.internal", "/http/crm/x"),
+        ("http://crm.internal.evil/api/x", "http://crm.internal", "http://crm.internal.evil/api/x"),
+        ("//elsewhere.example/x", "http://crm.internal/api", "//elsewhere.example/x"),
+        ("//elsewhere.example/x", "http://crm.internal", "//elsewhere.example/x"),
+    ],
+)
+def test_location_rewritten_only_inside_the_service(
+    location: str, base: str, expected: str
+) -> None:
+    got = outbound(
+        [(b"location", location.encode())],
+        forward_cookies=False,
+        scrub=None,
+        base_url=base,
+        prefix="/http/crm",
+    )
+    assert got == [(b"location", expected.encode())]
+
+
 def test_foreign_location_left_alone() -> None:
     got = outbound(
         [(b"location", b"https://elsewhere.example/x")],

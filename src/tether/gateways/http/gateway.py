@@ -7,15 +7,20 @@ Per request::
       -> the service's rules (a config-level allow-list: no match, 403, nothing decided)
       -> http.request Action (resource "service/path", context method + path, the rule's
          effects) -> DecisionCore (grants, Cedar, group limits, approvals; optional hold)
-      -> request record (durable BEFORE the upstream sees an unsafe request; for GET / HEAD /
-         OPTIONS with no declared effect it overlaps the upstream call and the response is
-         withheld until it is durable) -> upstream, credential injected
+      -> unsafe request (a method other than GET / HEAD / OPTIONS, or a rule that declares
+         an effect): its record durable BEFORE the upstream sees it
+      -> upstream, credential injected
+      -> safe request, whole response (<= 256 KiB): ONE record, request and response,
+         durable before the agent gets a byte; streamed response: the request record durable
+         before the first byte
       -> response relayed (small bodies whole; others streamed as they arrive)
-      -> response record (in the background, bodies capped) -> group-limit reservation settled
+      -> the response record of an unsafe or streamed request (in the background, batched
+         with the next request's group commit) -> group-limit reservation settled
 
-Nothing reaches the upstream before an ``allow``; nothing reaches the agent before the request
-record is durable. A failure mid-stream ends the connection without completing the response,
-so the agent sees a cut body, never one that looks whole.
+Nothing reaches the upstream before an ``allow``; nothing with a side effect reaches it before
+its record is durable; nothing reaches the agent before the request record is durable. A
+failure mid-stream ends the connection without completing the response, so the agent sees a
+cut body, never one that looks whole.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Responses up to this size (by Content-Length) are read whole before the first byte goes out,
 # so an upstream failure while reading them is still a clean JSON error.
 WHOLE_BODY_MAX = 256 * 1024
+# How long a response record may wait to share the next request's group commit.
+RESPONSE_RECORD_DELAY = 0.02
 _RAW_PATH_SAFE = "/!$&'()*+,;=:@-._~%"
 
 
@@ -137,10 +144,10 @@ class _Capture:
             self.size += len(piece)
 
     def data(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"response_bytes": self.total}
+        out: dict[str, Any] = {"bytes": self.total}
         if self.total:
-            out["response_sha256"] = self.hasher.hexdigest()
-            out["response_truncated"] = self.total > self.size
+            out["sha256"] = self.hasher.hexdigest()
+            out["truncated"] = self.total > self.size
         return out
 
     def body(self) -> bytes:
@@ -163,13 +170,16 @@ class HTTPGateway:
         self.core = core
         self.audit = audit
         self.upstreams = Upstreams(settings)
-        self._background: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Future[Any]] = set()
+        self._pending: list[Event] = []
+        self._flush_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"HTTPGateway(services={sorted(self.settings.services)!r})"
 
     async def drain(self) -> None:
-        """Wait for the response records still being written (tests, shutdown)."""
+        """Write the response records still pending or being written (tests, shutdown)."""
+        self._flush_responses()
         while self._background:
             await asyncio.gather(*tuple(self._background), return_exceptions=True)
 
@@ -411,6 +421,38 @@ class HTTPGateway:
         needles = call.service.auth.needles
         return {"request": Scrubber(needles).mask(kept) if needles else kept}
 
+    @staticmethod
+    def _response_doc(
+        call: _Call,
+        status: str,
+        upstream_status: int | None,
+        headers: list[tuple[bytes, bytes]] | None,
+        capture: _Capture | None,
+        error: str | None = None,
+    ) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The ``response`` part of a record, and its body capped."""
+        doc: dict[str, Any] = {
+            "status": status,
+            "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
+        }
+        if upstream_status is not None:
+            doc["upstream_status"] = upstream_status
+        if headers is not None:
+            doc["headers"] = record_headers(headers, call.service.auth.header)
+        if error:
+            doc["error"] = error
+        bodies: dict[str, bytes] = {}
+        if capture is not None:
+            doc.update(capture.data())
+            if capture.size:
+                bodies["response"] = capture.body()
+        return doc, bodies
+
+    def _submit(self, ev: Event) -> asyncio.Future[Any]:
+        """Queue ``ev`` now, together with any response records waiting (one group commit)."""
+        self._flush_responses()
+        return asyncio.ensure_future(self.audit.arecord(ev))
+
     async def _durable(self, call: _Call, record: asyncio.Future[Any]) -> None:
         try:
             await record
@@ -421,7 +463,10 @@ class HTTPGateway:
                 503, "audit_unavailable", f"audit log unavailable, request refused: {msg}"
             ) from None
 
-    def _finish(
+    def _settle(self, call: _Call) -> None:
+        self.core.settle(call.decision, Cost(requests=1) if call.forwarded else None)
+
+    def _record_response(
         self,
         call: _Call,
         status: str,
@@ -430,41 +475,62 @@ class HTTPGateway:
         capture: _Capture | None,
         error: str | None = None,
     ) -> None:
-        """Settle the reservation and record the response in the background. Never raises."""
+        """Settle, and record the response of an unsafe or streamed request in the background.
+        The agent has the response already (its request record was durable before the upstream
+        saw the request, or before the first byte went out), so this must not hold the
+        connection. Response records wait up to ``RESPONSE_RECORD_DELAY`` to share the next
+        request's group commit instead of queueing in front of it. Never raises."""
         try:
-            self.core.settle(call.decision, Cost(requests=1) if call.forwarded else None)
-            data: dict[str, Any] = {
-                "request_id": call.rid,
-                "service": call.service.name,
-                "status": status,
-                "latency_ms": round((time.perf_counter() - call.started) * 1000, 3),
-            }
-            if upstream_status is not None:
-                data["upstream_status"] = upstream_status
-            if headers is not None:
-                data["headers"] = record_headers(headers, call.service.auth.header)
-            if error:
-                data["error"] = error
-            bodies: dict[str, bytes] = {}
-            if capture is not None:
-                data.update(capture.data())
-                if capture.size:
-                    bodies["response"] = capture.body()
-            ev = DecisionCore.event(call.action, call.decision, data=data, bodies=bodies)
+            self._settle(call)
+            doc, bodies = self._response_doc(call, status, upstream_status, headers, capture, error)
+            ev = DecisionCore.event(
+                call.action,
+                call.decision,
+                data={"request_id": call.rid, "service": call.service.name, "response": doc},
+                bodies=bodies,
+            )
         except Exception as e:
             log.error("recording an HTTP response failed: %s", type(e).__name__)
             return
-        # The agent has the response already (the request record was durable before its first
-        # byte); recording the response must not hold a keep-alive connection.
-        task = asyncio.create_task(self._record(dataclasses.replace(ev, type="http.response")))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._pending.append(dataclasses.replace(ev, type="http.response"))
+        if self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                RESPONSE_RECORD_DELAY, self._flush_responses
+            )
+
+    def _flush_responses(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        pending, self._pending = self._pending, []
+        for ev in pending:
+            task = asyncio.ensure_future(self._record(ev))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _record(self, ev: Event) -> None:
         try:
             await self.audit.arecord(ev)
         except Exception as e:
             log.error("recording an HTTP response failed: %s", type(e).__name__)
+
+    def _record_whole(
+        self,
+        call: _Call,
+        request: tuple[dict[str, Any], dict[str, bytes]],
+        response: tuple[dict[str, Any], dict[str, bytes]],
+    ) -> asyncio.Future[Any]:
+        """One record for a safe request and its whole response (queued; await it)."""
+        data, bodies = request
+        doc, rbodies = response
+        return self._submit(
+            DecisionCore.event(
+                call.action,
+                call.decision,
+                data={**data, "response": doc},
+                bodies={**bodies, **rbodies},
+            )
+        )
 
     # -- forwarding -----------------------------------------------------------------------------
 
@@ -488,19 +554,17 @@ class HTTPGateway:
         recorded = [*inb.forward, *extra]
         if svc.auth.value is not None:
             recorded.append((svc.auth.header, "[REDACTED]"))
-        record = asyncio.ensure_future(
-            self.audit.arecord(
-                DecisionCore.event(
-                    call.action,
-                    call.decision,
-                    data=self._request_data(call, recorded, body),
-                    bodies=self._request_bodies(call, body),
-                )
-            )
-        )
+        request = (self._request_data(call, recorded, body), self._request_bodies(call, body))
         safe = call.method in SAFE_METHODS and not call.action.effects
         if not safe:  # a side effect upstream needs its record first
-            await self._durable(call, record)
+            await self._durable(
+                call,
+                self._submit(
+                    DecisionCore.event(
+                        call.action, call.decision, data=request[0], bodies=request[1]
+                    )
+                ),
+            )
         headers = [*inb.forward, *extra]
         if svc.auth.value is not None:
             headers.append((svc.auth.header, svc.auth.value.reveal()))
@@ -509,23 +573,49 @@ class HTTPGateway:
         try:
             resp = await self.upstreams.request(svc, call.method, url, headers, body)
         except BaseException as e:
-            with contextlib.suppress(BaseException):
-                await record
             err = _upstream_error(e, call)
-            self._finish(call, err.type if err else "cancelled", None, None, None, str(err or ""))
+            await self._failed(call, request if safe else None, err, None, None)
             if err is None:
                 raise
             raise err from None
         try:
-            if safe:
-                await self._durable(call, record)
-            await self._relay(call, resp, receive, out)
+            await self._relay(call, resp, receive, out, request if safe else None)
         finally:
             resp.release()
 
-    async def _relay(
-        self, call: _Call, resp: aiohttp.ClientResponse, receive: Receive, out: _Out
+    async def _failed(
+        self,
+        call: _Call,
+        request: tuple[dict[str, Any], dict[str, bytes]] | None,
+        err: HTTPGatewayError | None,
+        upstream_status: int | None,
+        headers: list[tuple[bytes, bytes]] | None,
     ) -> None:
+        """Record an upstream failure: with the request (a safe one, not recorded yet; the
+        agent gets the error either way) or as the response of a recorded request."""
+        status = err.type if err is not None else "cancelled"
+        message = err.message if err is not None else None
+        if request is None:
+            self._record_response(call, status, upstream_status, headers, None, message)
+            return
+        self._settle(call)
+        fut = self._record_whole(
+            call, request, self._response_doc(call, status, upstream_status, headers, None, message)
+        )
+        with contextlib.suppress(BaseException):
+            await fut
+
+    async def _relay(
+        self,
+        call: _Call,
+        resp: aiohttp.ClientResponse,
+        receive: Receive,
+        out: _Out,
+        request: tuple[dict[str, Any], dict[str, bytes]] | None,
+    ) -> None:
+        """Upstream response -> agent. ``request`` is the record of a safe request, not written
+        yet: it goes into the log (with the whole response when that is small) before the first
+        byte goes to the agent."""
         svc = call.service
         needles = svc.auth.needles
         scrub = Scrubber(needles) if needles else None
@@ -541,10 +631,11 @@ class HTTPGateway:
         limit = svc.limits.max_response_bytes
         capture = _Capture(svc.limits.record_body_bytes)
         if limit and length is not None and length > limit:
-            self._finish(call, "response_too_large", status, headers, None)
-            raise HTTPGatewayError(
+            err = HTTPGatewayError(
                 502, "response_too_large", f"the upstream response is larger than {limit} bytes"
             )
+            await self._failed(call, request, err, status, headers)
+            raise err
         start = {
             "type": "http.response.start",
             "status": status,
@@ -555,22 +646,38 @@ class HTTPGateway:
             try:
                 data = b"" if no_body else await resp.read()
             except BaseException as e:
-                err = _upstream_error(e, call)
-                self._finish(call, err.type if err else "cancelled", status, headers, None)
-                if err is None:
+                err2 = _upstream_error(e, call)
+                await self._failed(call, request, err2, status, headers)
+                if err2 is None:
                     raise
-                raise err from None
+                raise err2 from None
             if scrub is not None:
                 data = scrub.mask(data)
             capture.add(data)
+            if request is not None:  # one record, request and response, durable first
+                doc = self._response_doc(call, "ok", status, headers, capture)
+                await self._durable(call, self._record_whole(call, request, doc))
+                self._settle(call)
+                await out(start)
+                await out({"type": "http.response.body", "body": data})
+                return
             outcome = "client_disconnected"
             try:
                 await out(start)
                 await out({"type": "http.response.body", "body": data})
                 outcome = "ok"
             finally:
-                self._finish(call, outcome, status, headers, capture)
+                self._record_response(call, outcome, status, headers, capture)
             return
+        if request is not None:
+            await self._durable(
+                call,
+                self._submit(
+                    DecisionCore.event(
+                        call.action, call.decision, data=request[0], bodies=request[1]
+                    )
+                ),
+            )
         await out(start)
         pump = asyncio.ensure_future(self._pump(resp, scrub, capture, limit, out))
         watch = asyncio.ensure_future(_wait_disconnect(receive))
@@ -583,7 +690,7 @@ class HTTPGateway:
                 pump.cancel()
             with contextlib.suppress(BaseException):
                 outcome = await pump
-            self._finish(call, outcome, status, headers, capture)
+            self._record_response(call, outcome, status, headers, capture)
 
     async def _pump(
         self,

@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from tether.gateways.http.config import MAX_HEADERS
 from tether.gateways.http.errors import HTTPGatewayError
@@ -193,9 +194,13 @@ def outbound(
 
 
 def _relocate(value: bytes, base_url: str, prefix: str) -> bytes:
+    """A redirect inside the service (absolute, or a path under its base) -> the gateway."""
     text = value.decode("latin-1")
-    if text == base_url or text.startswith(base_url + "/"):
-        return (prefix + text[len(base_url) :]).encode("latin-1")
+    if text.startswith("//"):  # another host, scheme-relative
+        return value
+    for base in (base_url, urlsplit(base_url).path):
+        if text.startswith(base or "/") and (not base or text == base or text[len(base)] in "/?"):
+            return (prefix + text[len(base) :]).encode("latin-1")
     return value
 
 
