@@ -293,6 +293,7 @@ async def asgi_call(
     query: bytes = b"",
     chunks: Sequence[bytes] | None = None,
     on_body: Callable[[bytes], Any] | None = None,
+    gone: asyncio.Event | None = None,
 ) -> Reply:
     """Drive ``app`` with a hand-built scope, as a server would after parsing the request."""
     raw = raw_path.encode() if isinstance(raw_path, str) else raw_path
@@ -316,7 +317,7 @@ async def asgi_call(
         "server": ("tether.test", 80),
     }
     parts = list(chunks) if chunks is not None else [body]
-    gone = asyncio.Event()
+    gone = gone or asyncio.Event()  # set it to make the client go away
 
     async def receive() -> dict[str, Any]:
         if parts:

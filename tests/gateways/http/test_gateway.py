@@ -68,7 +68,12 @@ async def test_get_forwarded_with_credential_injected_and_recorded(
         "/http/crm/customers/42",
         token=token,
         query=b"fields=name",
-        headers=[(b"accept", b"application/json"), (b"user-agent", b"agent/1")],
+        headers=[
+            (b"accept", b"application/json"),
+            (b"user-agent", b"agent/1"),
+            (b"x-forwarded-for", b"6.6.6.6"),  # an agent cannot say where it comes from
+            (b"forwarded", b"for=6.6.6.6"),
+        ],
     )
     assert r.status == 200, r.body
     seen = upstream.seen[-1]
@@ -77,7 +82,7 @@ async def test_get_forwarded_with_credential_injected_and_recorded(
     assert token not in json.dumps([(n.decode(), v.decode()) for n, v in seen.headers])
     assert seen.header("accept") == ["application/json"]
     assert seen.header("user-agent") == ["agent/1"]
-    assert seen.header("x-forwarded-for") == ["10.1.2.3"]
+    assert seen.header("x-forwarded-for") == ["10.1.2.3"] and seen.header("forwarded") == []
     assert seen.header("x-forwarded-host") == ["tether.test"]
     assert seen.header("x-forwarded-prefix") == ["/http/crm"]
     rid = r.header("x-tether-request-id")
@@ -670,6 +675,35 @@ async def test_stream_forwarded_as_it_arrives(
     resp = _events(services, "http.response")[-1]  # streamed: request, then response records
     assert resp["data"]["response"]["status"] == "ok"
     assert _body_of(services, resp, "response") == r.body
+
+
+async def test_client_leaving_mid_stream_is_recorded(
+    gateway: HTTPGateway, upstream: Upstream, token: str, services: Services
+) -> None:
+    gone = asyncio.Event()
+
+    def on_body(chunk: bytes) -> None:
+        gone.set()  # the agent hangs up after the first event
+
+    async with asyncio.timeout(30):
+        r = await asgi_call(
+            gateway, "GET", "/http/crm/stream", token=token, on_body=on_body, gone=gone
+        )
+    assert r.body == b"data: one\n\n" and not r.complete
+    await gateway.drain()
+    assert _last_response(services)["data"]["response"]["status"] == "client_disconnected"
+
+
+async def test_response_records_are_written_without_anyone_draining(
+    gateway: HTTPGateway, token: str, services: Services
+) -> None:
+    r = await asgi_call(gateway, "POST", "/http/crm/notes", token=token, body=b"{}")
+    assert r.status == 200
+    async with asyncio.timeout(30):  # batched with the next commit, or flushed by a timer
+        while not _events(services, "http.response"):
+            await asyncio.sleep(0.01)
+    [resp] = _events(services, "http.response")
+    assert resp["data"]["request_id"] == r.header("x-tether-request-id")
 
 
 async def test_large_body_streamed_through(gateway: HTTPGateway, token: str) -> None:
