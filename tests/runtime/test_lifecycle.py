@@ -299,6 +299,22 @@ async def test_kill_records_who_killed_it(
         await sup.kill(admin, rec.id)
 
 
+async def test_revoking_the_creator_kills_its_beams(
+    sup: BeamSupervisor, services: Services, admin: TokenClaims
+) -> None:
+    issued = services.authority.delegate(admin, "planner", ["model:*"])
+    agent = services.verifier.verify(issued.token)
+    rec = await sup.create(agent, req(PY, "-c", "import time; time.sleep(3600)"))
+    services.authority.revoke(admin, "token", agent.token_id, "incident 42")
+    ended = await _wait_ended(sup, admin, rec.id)
+    assert ended.end_reason == "revoked" and "revoked" in str(ended.ended_by)
+    end = services.audit.session(rec.id)[-1]
+    assert end["type"] == "beam.end" and end["data"]["reason"] == "revoked"
+    # the beam's token died with its creator's; nothing revoked it a second time
+    revoked = services.audit.search(type="identity.revoked")
+    assert [r["data"]["value"] for r in revoked] == [agent.token_id]
+
+
 async def test_server_stop_ends_every_beam_on_the_record(
     services: Services,
     fake: FakeBackend,
@@ -573,6 +589,12 @@ async def test_remove(sup: BeamSupervisor, admin: TokenClaims, services: Service
     assert not (sup.beams_dir / rec.id).exists()
     types = [e["type"] for e in services.audit.session(rec.id)]
     assert types[-2:] == ["beam.end", "beam.removed"]
+    # a kept workspace survives the removal of its beam; the output does not
+    kept = await sup.create(admin, req(PY, "-c", "open('f', 'w').write('k')", keep_workspace=True))
+    await _wait_ended(sup, admin, kept.id)
+    await sup.remove(admin, kept.id)
+    assert (Path(kept.workspace) / "f").read_text() == "k"
+    assert not (sup.beams_dir / kept.id / "output.ndjson").exists()
 
 
 async def test_only_the_chain_and_the_admin_see_a_beam(

@@ -206,6 +206,7 @@ def _say_end(beam_id: str, end: dict[str, Any] | None) -> None:
         "ttl": f"killed: its TTL ran out (exit {code})",
         "killed": f"killed by {end.get('by', '?')} (exit {code})",
         "reaped": "reaped after a server restart",
+        "revoked": f"killed: its identity was revoked ({end.get('by', '?')})",
         "failed": f"failed to start: {end.get('error', '?')}",
     }.get(str(reason), f"ended: {reason}")
     style = "dim" if reason == "exit" and code == 0 else "yellow"

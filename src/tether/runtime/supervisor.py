@@ -57,6 +57,7 @@ from tether.errors import (
 from tether.events import Event
 from tether.identity.authority import Authority
 from tether.identity.claims import TokenClaims
+from tether.identity.revocation import RevocationList
 from tether.identity.spiffe import SpiffeId
 from tether.policy.action import Action, Decision
 from tether.policy.core import DecisionCore
@@ -131,6 +132,7 @@ class BeamServices(Protocol):
     audit: AuditLog
     core: DecisionCore
     authority: Authority
+    revocations: RevocationList
     bundle_doc: dict[str, Any]
 
 
@@ -443,13 +445,33 @@ class BeamSupervisor:
             await asyncio.to_thread(self.reap_leftovers)
         except Exception as e:  # the server still starts; the log says what is left
             log.error("reaping leftover beams failed: %s: %s", type(e).__name__, e)
-        if should_exit is not None:
-            self._watcher = asyncio.create_task(self._end_on_exit(should_exit))
+        self._watcher = asyncio.create_task(self._tick(should_exit or (lambda: False)))
 
-    async def _end_on_exit(self, should_exit: Callable[[], bool]) -> None:
+    async def _tick(self, should_exit: Callable[[], bool]) -> None:
+        """Every 100 ms: a beam whose identity was revoked (its own token, its creator's, a
+        subtree above it) is killed at once; when the server stops, every beam is."""
+        seen = -1
         while not should_exit():
+            try:
+                generation = self.services.revocations.generation
+                if generation != seen:
+                    seen = generation
+                    await self._kill_revoked()
+            except Exception as e:  # keep ticking: server stop must still end the beams
+                log.error("beam revocation check failed: %s: %s", type(e).__name__, e)
             await asyncio.sleep(0.1)
         await self.end_all("server stop")
+
+    async def _kill_revoked(self) -> None:
+        for live in list(self._live.values()):
+            if live.end_reason is not None:
+                continue
+            reason = self.services.revocations.reason(live.claims)
+            if reason is not None:
+                live.end_reason = ("revoked", reason)
+                if live.sandbox is not None:
+                    with contextlib.suppress(Exception):
+                        await live.sandbox.kill()
 
     async def end_all(self, by: str) -> None:
         """Kill every live beam and wait for each end to be recorded."""
@@ -703,6 +725,9 @@ class BeamSupervisor:
             await self._fail(live, e)
             raise
         live.sandbox = sandbox
+        if live.end_reason is not None:  # killed (or the server stopped) while it started
+            with contextlib.suppress(Exception):
+                await sandbox.kill()
         live.pumps = [
             asyncio.create_task(self._pump(sandbox.stdout, live.book, "out")),
             asyncio.create_task(self._pump(sandbox.stderr, live.book, "err")),
@@ -907,6 +932,8 @@ class BeamSupervisor:
     async def _revoke(self, claims: TokenClaims, reason: str) -> str | None:
         """Revoke the beam's token (and everything delegated from it). The beam's own claims
         authorise it: a holder may always revoke its own token. None, or what went wrong."""
+        if self.services.revocations.reason(claims) is not None:
+            return None  # already revoked (a revocation above it is what ended the beam)
         try:
             await asyncio.to_thread(
                 self.services.authority.revoke, claims, "token", claims.token_id, reason
@@ -966,7 +993,11 @@ class BeamSupervisor:
             )
         )
         await asyncio.to_thread(self.store.delete, beam_id)
-        await asyncio.to_thread(shutil.rmtree, self.beams_dir / beam_id, True)
+        beam_dir = self.beams_dir / beam_id
+        if rec.workspace_owned and rec.keep_workspace:  # the output goes, the kept files stay
+            (beam_dir / "output.ndjson").unlink(missing_ok=True)
+        else:
+            await asyncio.to_thread(shutil.rmtree, beam_dir, True)
 
     async def frames(
         self, caller: TokenClaims, beam_id: str, follow: bool = False, after: int = 0
@@ -979,11 +1010,10 @@ class BeamSupervisor:
         return self._ended_frames(rec, after)
 
     async def _ended_frames(self, rec: BeamRecord, after: int) -> AsyncIterator[bytes]:
-        last = b""
-        async for chunk in read_log_file(self.beams_dir / rec.id / "output.ndjson", after):
-            last = chunk
+        path = self.beams_dir / rec.id / "output.ndjson"
+        async for chunk in read_log_file(path, after):
             yield chunk
-        if b'{"end":' not in last.rsplit(b"\n", 2)[-2 if last.endswith(b"\n") else -1]:
+        if not await asyncio.to_thread(_ends_with_end, path):
             # a beam reaped after a crash never wrote its end line
             yield orjson.dumps({"end": _end_of(rec)}) + b"\n"
 
@@ -1057,6 +1087,17 @@ class BeamSupervisor:
             f.write(orjson.dumps({"end": _end_of(rec)}) + b"\n")
         if rec.workspace_owned and not rec.keep_workspace:
             shutil.rmtree(rec.workspace, ignore_errors=True)
+
+
+def _ends_with_end(path: Path) -> bool:
+    """Is the log's last line its end frame?"""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().rstrip(b"\n").rsplit(b"\n", 1)
+    except OSError:
+        return False
+    return lines[-1].startswith(b'{"end":')
 
 
 def _end_of(rec: BeamRecord) -> dict[str, Any]:
