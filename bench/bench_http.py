@@ -445,6 +445,7 @@ def bench(quick: bool = False) -> list[Result]:
     add50 = _added(g.p50, d.p50) * us
     add99 = _added(g.p99, d.p99) * us
     addm50 = _added(m.p50, d.p50) * us
+    addm99 = _added(m.p99, d.p99) * us
     addp50 = _added(gp.p50, dp.p50) * us
     addp99 = _added(gp.p99, dp.p99) * us
     return [
@@ -464,7 +465,8 @@ def bench(quick: bool = False) -> list[Result]:
             add99,
             "us",
             "",
-            f"direct {d.med('p99') * 1e3:.3f} ms, gateway {g.med('p99') * 1e3:.3f} ms",
+            f"direct {d.med('p99') * 1e3:.3f} ms, gateway {g.med('p99') * 1e3:.3f} ms; "
+            f"in-memory recorder: +{addm99:,.0f} us",
         ),
         Result(
             "http",
