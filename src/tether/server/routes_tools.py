@@ -69,7 +69,9 @@ def tools_router(store: MCPStore | Callable[[], MCPStore] | None = None) -> APIR
                 request.app.state.mcp_store = found
             return found
 
-    Store = Annotated[MCPStore, Depends(_store)]
+    # (a Depends default, not an Annotated alias: the alias would be local to this function,
+    # and FastAPI resolves the postponed annotations in the module's namespace)
+    use_store = Depends(_store)
 
     def _names(server: str, tool: str) -> None:
         if not _NAME.match(server) or not _NAME.match(tool):
@@ -77,12 +79,16 @@ def tools_router(store: MCPStore | Callable[[], MCPStore] | None = None) -> APIR
 
     # Store reads and durable records block: plain functions run in FastAPI's thread pool.
     @router.get("")
-    def list_tools(st: Store, _caller: Caller, server: str | None = None) -> dict[str, Any]:
+    def list_tools(
+        _caller: Caller, server: str | None = None, st: MCPStore = use_store
+    ) -> dict[str, Any]:
         pins = st.list_pins(server)
         return {"tools": [_summary(p) for p in pins], "count": len(pins)}
 
     @router.get("/{server}/{tool}")
-    def show_tool(st: Store, _caller: Caller, server: str, tool: str) -> dict[str, Any]:
+    def show_tool(
+        _caller: Caller, server: str, tool: str, st: MCPStore = use_store
+    ) -> dict[str, Any]:
         _names(server, tool)
         pin = st.get_pin(server, tool)
         if pin is None:
@@ -97,11 +103,11 @@ def tools_router(store: MCPStore | Callable[[], MCPStore] | None = None) -> APIR
     @router.post("/{server}/{tool}/approve")
     def approve_tool(
         request: Request,
-        st: Store,
         caller: Caller,
         server: str,
         tool: str,
         body: ApproveBody | None = None,
+        st: MCPStore = use_store,
     ) -> dict[str, Any]:
         _names(server, tool)
         if caller.depth != 0 or caller.subject.kind != "user":

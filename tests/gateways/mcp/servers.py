@@ -94,7 +94,13 @@ class Served:
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", lifespan=lifespan, access_log=False)
+            uvicorn.Config(
+                app,
+                log_level="warning",
+                lifespan=lifespan,
+                access_log=False,
+                timeout_graceful_shutdown=1,
+            )
         )
         self.on_close = on_close
         self.loop: asyncio.AbstractEventLoop | None = None

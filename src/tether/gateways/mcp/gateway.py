@@ -270,13 +270,7 @@ class MCPGateway:
         name = path[len(MCP_PREFIX) :].rstrip("/")
         server = self.settings.servers.get(name)
         if server is None:
-            err = RpcError(
-                rpc.INVALID_REQUEST,
-                f"no MCP server named {name[:100]!r} behind this gateway",
-                "unknown_server",
-                404,
-            )
-            await reply.finish(404, rpc.error_bytes(None, err))
+            await self._unknown_server(name, dict(scope["headers"]), reply)
             return
         req = _Req(server, dict(scope["headers"]), reply)
         try:
@@ -308,6 +302,36 @@ class MCPGateway:
             )
             rid = req.msg.id if req.msg is not None else None
             await reply.finish(502, rpc.error_bytes(rid, err))
+
+    async def _unknown_server(
+        self, name: str, headers: Mapping[bytes, bytes], reply: _Reply
+    ) -> None:
+        err = RpcError(
+            rpc.INVALID_REQUEST,
+            f"no MCP server named {name[:100]!r} behind this gateway",
+            "unknown_server",
+            404,
+        )
+        claims: TokenClaims | None = None
+        with contextlib.suppress(RpcError):
+            claims = self._claims(headers)
+        await self._record_quietly(
+            Event(
+                type="mcp.refused",
+                actor=str(claims.subject) if claims else None,
+                subject=name[:100],
+                session=claims.task if claims else None,
+                decision="deny",
+                data={
+                    "server": name[:100],
+                    "code": err.code,
+                    "reason": err.reason,
+                    "message": err.message,
+                    "status": err.status,
+                },
+            )
+        )
+        await reply.finish(404, rpc.error_bytes(None, err))
 
     def _check_origin(self, headers: Mapping[bytes, bytes]) -> None:
         origin = headers.get(b"origin")
@@ -917,7 +941,7 @@ class MCPGateway:
             )
         try:
             args_digest = hashlib.sha256(canonical_json(args)).hexdigest()
-        except (TypeError, ValueError):
+        except (TetherError, TypeError, ValueError):
             raise RpcError(
                 rpc.INVALID_PARAMS,
                 "params.arguments must be plain JSON (integers within +-2^53)",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tether.audit.canonical import canonical_json
+from tether.errors import TetherError
 from tether.events import Event, Recorder
 from tether.gateways.mcp.config import ServerConfig
 from tether.gateways.mcp.names import collisions, name_problem, skeleton
@@ -174,7 +175,13 @@ class PinBook:
             await self._refuse(server, name, why, via)
         pins = await asyncio.to_thread(self.store.pins_of, server.name) if valid else {}
         for name, definition in valid.items():
-            sha = definition_sha256(definition)
+            try:
+                sha = definition_sha256(definition)
+            except TetherError:  # NaN, an integer beyond 2**53 ...: no stable hash, no pin
+                why = "the tool's definition cannot be canonical JSON (RFC 8785)"
+                cat.refused[name] = why
+                await self._refuse(server, name, why, via)
+                continue
             cat.tools[name] = await self._judge(server, name, definition, sha, pins.get(name), via)
         return cat
 
