@@ -88,3 +88,22 @@ def test_spiffe_ids_validate() -> None:
     ]:
         with pytest.raises(BadRequest):
             SpiffeId.parse(bad)
+
+
+def test_egress_grant_without_port_covers_every_port_of_the_host() -> None:
+    g = Grants.parse(["egress:api.github.com", "egress:pypi.org:443"])
+    assert g.allows("egress", "api.github.com:443") and g.allows("egress", "api.github.com:22")
+    assert g.allows("egress", "pypi.org:443") and not g.allows("egress", "pypi.org:80")
+    assert not g.allows("egress", "api.github.com.evil.io:443")
+    assert not g.allows("egress", "evil.io:api.github.com")  # the port must be a number
+    assert not Grants.parse(["tool:db"]).allows("tool", "db:1")  # only egress has ports
+
+
+def test_egress_grant_with_a_port_lies_within_the_host_grant() -> None:
+    (host,) = Grants.parse(["egress:*.github.com"]).items
+    (one,) = Grants.parse(["egress:api.github.com:443"]).items
+    (anyport,) = Grants.parse(["egress:api.github.com:*"]).items
+    (odd,) = Grants.parse(["egress:api.github.com:x"]).items
+    (evil,) = Grants.parse(["egress:evil.io:443"]).items
+    assert one.within(host) and anyport.within(host)
+    assert not odd.within(host) and not evil.within(host) and not host.within(one)

@@ -50,12 +50,28 @@ class Grant:
             )
 
     def matches(self, value: str) -> bool:
-        """Does this grant allow ``value`` (a concrete model, tool, service or domain)?"""
-        return fnmatchcase(value, self.pattern)
+        """Does this grant allow ``value`` (a concrete model, tool, service or domain)?
+        An ``egress`` pattern without a port covers ``host:port`` on any port."""
+        if fnmatchcase(value, self.pattern):
+            return True
+        if self.kind == "egress":
+            host, sep, port = value.rpartition(":")
+            return bool(sep) and port.isdigit() and fnmatchcase(host, self.pattern)
+        return False
 
     def within(self, parent: Grant) -> bool:
-        """Is every value this grant allows also allowed by ``parent``?"""
-        return self.kind == parent.kind and fnmatchcase(self.pattern, parent.pattern)
+        """Is every value this grant allows also allowed by ``parent``? (``egress:h:443``
+        lies within ``egress:h``.)"""
+        if self.kind != parent.kind:
+            return False
+        if fnmatchcase(self.pattern, parent.pattern):
+            return True
+        if self.kind == "egress":
+            host, sep, port = self.pattern.rpartition(":")
+            return (
+                bool(sep) and (port.isdigit() or port == "*") and fnmatchcase(host, parent.pattern)
+            )
+        return False
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.pattern}"
