@@ -235,6 +235,25 @@ def test_the_done_when_an_openai_sdk_agent_reaches_its_model_through_tether_only
     assert session[0]["type"] == "beam.attest"
 
 
+def test_ctrl_c_kills_the_beam(shared: Server) -> None:
+    env = {**os.environ, "TETHER_HOME": str(shared.home), "NO_COLOR": "1"}
+    env.pop("TETHER_ADDR", None)
+    proc = subprocess.Popen(
+        [*TETHER, "run", "--", "sh", "-c", "echo up; sleep 1000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"  # the beam runs
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and b"interrupted: killing beam" in err
+    beam = _beam(shared.home, _beam_id(err.decode()))
+    assert beam["state"] == "ended" and beam["end_reason"] == "killed"
+
+
 def test_restart_reaps_what_a_killed_server_left(server: Server) -> None:
     beam_id = tether(
         server.home, "run", "-d", "--", "python", "-c", "import time; time.sleep(3600)"

@@ -403,3 +403,44 @@ async def test_without_allowed_domains_a_beam_has_no_proxy(live: Live) -> None:
         "/v1/beams", json={"objective": "x", "argv": ["true"], "allow_domains": ["pypi.org"]}
     )
     assert r.status_code == 503 and "egress" in r.json()["error_description"]
+
+
+@needs_bwrap
+async def test_the_attestation_proof_holds_and_catches_tampering(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tether.cli.beam import _Session, prove_attestation
+    from tether.errors import VerificationFailed
+
+    rec = await live.create("true", objective="prove me", tools=[{"name": "search"}])
+    await live.frames(rec["id"])
+    doc = (await live.http.get(f"/v1/beams/{rec['id']}")).json()
+    monkeypatch.setenv("TETHER_ADDR", live.base)
+    session = await asyncio.to_thread(_Session, live.services.data_dir.root, None)
+    try:
+        proof = await asyncio.to_thread(prove_attestation, session, doc)
+        assert proof["entry_index"] == doc["attestation"]["index"]
+        assert proof["checkpoint_size"] > proof["entry_index"]
+        assert proof["digest"] == doc["token"]["objective_sha256"]
+        assert len(doc["attestation"]["document"]["tools"]) == 1
+
+        entry = doc["attestation"]["entry"]
+        tampered = {
+            "objective_in_entry": {
+                **doc,
+                "attestation": {
+                    **doc["attestation"],
+                    "entry": entry.replace("prove me", "prove it"),
+                },
+            },
+            "token_digest": {**doc, "token": {**doc["token"], "objective_sha256": "0" * 64}},
+            "index": {**doc, "attestation": {**doc["attestation"], "index": 0}},
+        }
+        for name, bad in tampered.items():
+            try:
+                await asyncio.to_thread(prove_attestation, session, bad)
+            except VerificationFailed:
+                continue
+            pytest.fail(f"a tampered {name} was accepted")
+    finally:
+        session.close()
