@@ -32,6 +32,7 @@ class DbServer:
     def __init__(self, name: str = "db") -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
         self.indexes: list[tuple[str, str]] = []
+        self.headers: list[dict[bytes, bytes]] = []  # request headers the server received
         self.mcp = srv = MCPServer(name, log_level="WARNING")
 
         @srv.tool(description=READ_ROWS_DOC)
@@ -49,6 +50,14 @@ class DbServer:
         def drop_table(table: str) -> str:
             self.calls.append(("drop_table", {"table": table}))
             return f"dropped {table}"
+
+        @srv.resource("db://schema", description="The database schema.")
+        def schema() -> str:
+            return "customers(id, name, plan, churn_risk)"
+
+        @srv.prompt(description="Summarise churn.")
+        def churn_report(quarter: str) -> str:
+            return f"Write the churn report for {quarter}."
 
         @srv.tool(description="Wait, then answer.")
         async def slow(seconds: float) -> str:
@@ -70,7 +79,15 @@ class DbServer:
         self.mcp.add_tool(fn, name=name, description=doc)
 
     def app(self, json_response: bool = False) -> Any:
-        return self.mcp.streamable_http_app(json_response=json_response)
+        inner = self.mcp.streamable_http_app(json_response=json_response)
+        seen = self.headers = []
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "http":
+                seen.append(dict(scope["headers"]))
+            await inner(scope, receive, send)
+
+        return app
 
 
 def free_socket() -> socket.socket:
