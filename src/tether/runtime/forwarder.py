@@ -107,8 +107,13 @@ class _Link:
 class Forwarder:
     def __init__(self, cfg: dict[str, Any]) -> None:
         self.cfg = cfg
+        self.argv: list[str] = cfg["argv"]
         self.env: dict[str, str] = cfg["env"]
         self.cwd: str = cfg.get("cwd", "/")
+        if not isinstance(self.argv, list) or not self.argv:
+            raise ValueError("argv must be a non-empty list")
+        if not isinstance(self.env, dict) or not isinstance(cfg["listen"], list):
+            raise ValueError("env must be a dict and listen a list")
         self.ep = select.epoll()
         self.listeners: dict[int, tuple[_socket.socket, str]] = {}
         self.links: dict[int, tuple[_Link, int]] = {}
@@ -149,7 +154,7 @@ class Forwarder:
             self.ep.register(ctl_fd, EPOLLIN)
         pid = posix.fork()
         if pid == 0:
-            _exec(self.cfg["argv"], self.env, self.cwd)
+            _exec(self.argv, self.env, self.cwd)
         self.child = pid
 
     def _on_signal(self, signum: int, frame: object) -> None:
