@@ -534,6 +534,41 @@ async def test_a_workspace_may_not_expose_the_data_dir(
         await sup.create(admin, req("true", workspace=str(path)))
 
 
+async def test_other_users_bind_only_below_the_configured_roots(
+    home: Path, fake: FakeBackend, base_fs: BaseFsDigest, tmp_path: Path
+) -> None:
+    shared = tmp_path / "shared"
+    (shared / "bob").mkdir(parents=True)
+    config = home / "config.toml"
+    config.write_text(config.read_text() + f'\n[beams]\nworkspace_roots = ["{shared}"]\n')
+    services = Services(home)
+    s = BeamSupervisor(
+        services,
+        bridge_app=_noop_app,
+        backends={"bwrap": fake},
+        base_fs=base_fs,
+        runtime_dir=_short_dir(tmp_path),
+    )
+    try:
+        await s.start()
+        admin = services.verifier.verify(
+            services.authority.login((home / "credentials" / "admin").read_text().strip()).token
+        )
+        bob_cred = services.authority.add_user(admin, "bob", ["model:*"])
+        bob = services.verifier.verify(services.authority.login(bob_cred).token)
+        with pytest.raises(PermissionDenied, match="workspace_roots"):
+            await s.create(bob, req("true", workspace="/etc"))
+        rec = await s.create(bob, req("true", workspace=str(shared / "bob")))
+        assert rec.workspace == str(shared / "bob")
+        # the admin runs the server: any directory but the data dir and /
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        assert (await s.create(admin, req("true", workspace=str(other)))).workspace == str(other)
+    finally:
+        await s.aclose()
+        services.close()
+
+
 async def test_agents_cannot_bind_host_directories(
     sup: BeamSupervisor, services: Services, admin: TokenClaims, tmp_path: Path
 ) -> None:

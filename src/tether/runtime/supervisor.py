@@ -406,6 +406,10 @@ class BeamSupervisor:
         self.default_backend = str(conf.get("backend", "bwrap"))
         self.strict_limits = bool(conf.get("strict_limits", False))
         self.max_log_bytes = int(conf.get("max_log_bytes", MAX_LOG_BYTES))
+        roots = conf.get("workspace_roots", [])
+        if not isinstance(roots, list) or not all(isinstance(r, str) for r in roots):
+            raise ConfigError("[beams] workspace_roots must be a list of directories")
+        self.workspace_roots = tuple(Path(os.path.realpath(r)) for r in roots)
         self.bridge_app = bridge_app
         self.egress = egress
         self.tools = tools
@@ -586,8 +590,10 @@ class BeamSupervisor:
             raise
 
     def _check_workspace(self, caller: TokenClaims, req: BeamRequest) -> tuple[Path | None, bool]:
-        """A caller-named workspace is a host directory bound read-write: only a person (a
-        user's own token) may name one, never inside the data directory."""
+        """A caller-named workspace is a host directory the beam may write as the server's
+        user. So only people may name one: the admin anywhere (it runs the server), other
+        users only below a ``[beams] workspace_roots`` directory; agents get a fresh one.
+        Never the data directory, anything inside or above it, or ``/``."""
         ws = req.workspace
         if ws is None:
             return None, True
@@ -597,6 +603,13 @@ class BeamSupervisor:
                 "agents get a fresh one"
             )
         real = Path(os.path.realpath(ws))
+        if not self._is_admin(caller) and not any(
+            real == root or root in real.parents for root in self.workspace_roots
+        ):
+            raise PermissionDenied(
+                f"workspace {str(ws)[:120]!r} is not below a [beams] workspace_roots directory; "
+                "only the admin may bind any directory"
+            )
         if not real.is_dir():
             raise BadRequest(f"workspace {str(ws)[:120]!r} is not an existing directory")
         data = Path(os.path.realpath(self.services.data_dir.root))
@@ -621,7 +634,7 @@ class BeamSupervisor:
     ) -> BeamRecord:
         svc = self.services
         base = await asyncio.to_thread(self.base_fs.get)
-        tools = list(self.tools()) if self.tools is not None else list(req.tools)
+        tools = [*req.tools, *(self.tools() if self.tools is not None else ())]
         doc = build_attestation(
             beam_id=beam_id,
             objective=req.objective,
