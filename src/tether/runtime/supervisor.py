@@ -205,11 +205,16 @@ class LogBook:
         self._append(orjson.dumps(frame) + b"\n")
 
     def close(self, end: Mapping[str, Any]) -> None:
+        """Write the end frame; followers stop once they have read it (or at once, if the
+        disk refused it: a follower never waits for output that cannot come)."""
         if self.closed:
             return
-        self._append(orjson.dumps({"end": dict(end)}) + b"\n")
-        self.closed = True
-        os.close(self._fd)
+        try:
+            self._append(orjson.dumps({"end": dict(end)}) + b"\n")
+        finally:
+            self.closed = True
+            os.close(self._fd)
+            self._changed.set()
 
     async def frames(self, after: int = 0, follow: bool = True) -> AsyncIterator[bytes]:
         """Complete NDJSON lines from byte offset ``after``; with ``follow``, until the end."""
@@ -891,20 +896,31 @@ class BeamSupervisor:
         await self._finish(live, code, error=error)
 
     async def _finish(self, live: _Live, code: int | None, error: str | None = None) -> None:
-        """End a beam, whatever ended it: revoke, record, save, clean up. Never raises."""
+        """End a beam, whatever ended it: revoke, record, save, clean up. Never raises, and
+        always releases whoever waits for the end."""
+        try:
+            await self._end(live, code, error)
+        except Exception as e:
+            log.error("ending beam %s failed: %s: %s", live.rec.id, type(e).__name__, e)
+        finally:
+            self._live.pop(live.rec.id, None)
+            live.done.set()
+
+    async def _end(self, live: _Live, code: int | None, error: str | None) -> None:
         svc = self.services
         rec = live.rec
         reason, by = live.end_reason or ("exit", None)
-        if live.pumps:
-            _, pending = await asyncio.wait(live.pumps, timeout=PUMP_GRACE)
-            for t in pending:
-                t.cancel()
+        # the identity first: nothing acts as the beam once it has ended
+        revoked = await self._revoke(live.claims, f"beam {rec.id} ended ({reason})")
         if self._bridge is not None:
             await self._bridge.close(rec.id, live.socket_path)
         if live.egress is not None:  # cuts its open tunnels (each recorded as ended)
             with contextlib.suppress(Exception):
                 await live.egress.aclose()
-        revoked = await self._revoke(live.claims, f"beam {rec.id} ended ({reason})")
+        if live.pumps:
+            _, pending = await asyncio.wait(live.pumps, timeout=PUMP_GRACE)
+            for t in pending:
+                t.cancel()
         ended_ms = _now_ms(svc.clock)
         end: dict[str, Any] = {
             "reason": reason,
@@ -925,7 +941,10 @@ class BeamSupervisor:
                 data=end,
             )
         )
-        live.book.close(end)
+        try:
+            live.book.close(end)
+        except OSError as e:
+            log.error("could not close the output of beam %s: %s", rec.id, e)
         live.rec = rec = rec.evolve(
             state="ended",
             ended_ms=ended_ms,
@@ -939,8 +958,6 @@ class BeamSupervisor:
             log.error("could not save the end of beam %s: %s", rec.id, e.message)
         if rec.workspace_owned and not rec.keep_workspace:
             await asyncio.to_thread(shutil.rmtree, rec.workspace, True)
-        self._live.pop(rec.id, None)
-        live.done.set()
 
     async def _revoke(self, claims: TokenClaims, reason: str) -> str | None:
         """Revoke the beam's token (and everything delegated from it). The beam's own claims
