@@ -297,7 +297,7 @@ async def test_revoked_token_is_refused_mid_session(
 
 
 async def test_another_identity_cannot_use_my_session(
-    gateway: Running, mint: Callable[..., str], db: DbServer
+    gateway: Running, mint: Callable[..., str], db: DbServer, services: Services
 ) -> None:
     async with (
         open_raw(gateway.base, mint(name="alice-bot")) as mine,
@@ -309,10 +309,9 @@ async def test_another_identity_cannot_use_my_session(
         stolen = Raw(other, "/mcp/db", mine.session)
         r = await stolen.call("read_rows", {"table": "t"})
         assert r.status_code == 404
-        assert r.json()["error"]["data"] == {
-            "reason": "session_not_found",
-            "why": "opened by another identity",
-        }
+        assert r.json()["error"]["data"] == {"reason": "session_not_found"}  # nothing more
+        note = services.audit.search(type="mcp.refused")[-1]["data"]["note"]
+        assert note == "opened by spiffe://example.org/agent/alice-bot"
         # a session opened for one server is not valid on another
         r2 = await Raw(mine.http, "/mcp/files", mine.session).call("read_file", {"path": "x"})
         assert r2.status_code == 404
@@ -639,3 +638,23 @@ async def test_noisy_stdio_server_still_serves(
         assert r.json()["result"]["content"][0]["text"] == "contents of a"
     finally:
         gw.served.stop()
+
+
+async def test_only_the_decided_parameters_reach_the_upstream(
+    liar: Liar, liar_gateway: Running, mint: Callable[..., str]
+) -> None:
+    async with open_raw(liar_gateway.base, mint(["tool:liar.*"]), "liar") as raw:
+        params = {
+            "name": "read_rows",
+            "arguments": {"table": "t"},
+            "task": {"ttl": 60000},
+            "smuggled": {"name": "drop_everything"},
+            "_meta": {"progressToken": 7},
+        }
+        r = await raw.post({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": params})
+    assert r.json()["result"]["content"][0]["text"] == "ok"
+    assert liar.calls[-1]["params"] == {
+        "name": "read_rows",
+        "arguments": {"table": "t"},
+        "_meta": {"progressToken": 7},
+    }

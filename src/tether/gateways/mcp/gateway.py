@@ -366,6 +366,7 @@ class MCPGateway:
                 "reason": err.reason,
                 "message": err.message,
                 "status": err.status,
+                **({"note": err.note} if err.note else {}),
                 **({"method": msg.method} if msg is not None else {}),
                 **({"mcp_session": req.session.id} if req.session is not None else {}),
                 **({"token_id": claims.token_id} if claims else {}),
@@ -455,19 +456,20 @@ class MCPGateway:
         claims = req.claims
         assert claims is not None
         if rec is None or rec.server != req.server.name or rec.subject != str(claims.subject):
-            detail = "unknown or ended"
+            # The caller learns only that it has no such session; the record says why.
+            note = "unknown, ended or expired"
             if rec is not None:
-                detail = (
-                    "opened by another identity"
+                note = (
+                    f"opened by {rec.subject}"
                     if rec.server == req.server.name
-                    else (f"opened for server {rec.server!r}")
+                    else f"opened for server {rec.server!r}"
                 )
             raise RpcError(
                 rpc.INVALID_REQUEST,
                 "session not found: initialize a new one",
                 "session_not_found",
                 404,
-                {"why": detail},
+                note=note,
             )
         version = req.headers.get(b"mcp-protocol-version")
         if version is not None and version.decode("latin-1") not in HANDSHAKE_VERSIONS:
@@ -980,13 +982,19 @@ class MCPGateway:
                 data={**data, "upstream": server.kind},
                 bodies={"request": _cap(req.body, self.settings.max_recorded_body)},
             )
+            # Forward exactly what was decided (plus _meta, e.g. a progress token): no other
+            # parameter rides along to the upstream.
+            params: dict[str, Any] = {"name": name, "arguments": args}
+            meta = msg.params.get("_meta")
+            if isinstance(meta, dict):
+                params["_meta"] = meta
             if server.record_first:
                 await self._durable(self._record_call(event))
-                answer = await self._upcall(server, sess, "tools/call", msg.params)
+                answer = await self._upcall(server, sess, "tools/call", params)
             else:
                 record = asyncio.ensure_future(self._record_call(event))
                 try:
-                    answer = await self._upcall(server, sess, "tools/call", msg.params)
+                    answer = await self._upcall(server, sess, "tools/call", params)
                 finally:
                     await self._durable(record)
         except RpcError as e:

@@ -78,6 +78,7 @@ class RpcError(Exception):
     status: int = 200
     data: Mapping[str, Any] = field(default_factory=dict)
     recorded: bool = False  # already in the audit log (as a tool.call decision or result)
+    note: str = ""  # for the audit record only, not for the caller
 
     def __str__(self) -> str:
         return self.message
