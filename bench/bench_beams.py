@@ -258,7 +258,8 @@ async def _bench(quick: bool, concurrent: int, log: Callable[[str], None]) -> li
                     _ms(kills, 0.5),
                     "ms",
                     "<= 50 ms",
-                    f"p99 {_ms(kills, 0.99):.1f} ms; bare SIGKILL+reap {_ms(bare_kill, 0.5):.2f} ms",
+                    f"p99 {_ms(kills, 0.99):.1f} ms; "
+                    f"bare SIGKILL+reap {_ms(bare_kill, 0.5):.2f} ms",
                     _ms(kills, 0.5) <= 50,
                 )
             )
@@ -271,7 +272,8 @@ async def _bench(quick: bool, concurrent: int, log: Callable[[str], None]) -> li
                 c["running"],
                 "beams",
                 f">= {concurrent}",
-                f"started in {c['start_s']:.1f} s, killed in {c['kill_s']:.2f} s, {c['procs']:.0f} processes",
+                f"started in {c['start_s']:.1f} s, killed in {c['kill_s']:.2f} s, "
+                f"{c['procs']:.0f} processes",
                 c["running"] >= concurrent,
             )
         )
