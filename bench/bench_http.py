@@ -119,7 +119,6 @@ def gateway_process(home: str, port: int, upstream: str, memory: bool = False) -
     import uvicorn
 
     from tether.events import MemoryRecorder
-    from tether.gateways.http import HTTPGateway, build_http_gateway, with_http_gateway
     from tether.server.serve import build_server_app
     from tether.server.services import Services, init_data_dir
 
@@ -140,17 +139,17 @@ def gateway_process(home: str, port: int, upstream: str, memory: bool = False) -
     cred = (root / "credentials" / "admin").read_text().strip()
     admin = services.verifier.verify(services.authority.login(cred).token)
     token = services.authority.delegate(admin, "bench", ["http:crm/*"], ttl=7200).token
-    # serve.py's app; with the HTTP gateway in front if serve.py does not mount it (yet)
-    app, *parts = build_server_app(services)
-    http_gw = next((p for p in parts if isinstance(p, HTTPGateway)), None)
-    if http_gw is None:
-        http_gw = build_http_gateway(services)
-        app = with_http_gateway(app, http_gw)
-        parts.append(http_gw)
+    app, gateways = build_server_app(services)  # exactly what tether serve runs
+    http_gw = gateways.http
     if memory:  # the baseline: everything but the durable audit write
         http_gw.audit = MemoryRecorder()
     config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", server_header=False
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        proxy_headers=False,
     )
     server = uvicorn.Server(config)
     print(json.dumps({"token": token}), flush=True)
@@ -159,11 +158,11 @@ def gateway_process(home: str, port: int, upstream: str, memory: bool = False) -
         try:
             await server.serve(sockets=[_tcp_socket(port)])
         finally:
-            for part in parts:
-                await part.aclose()
+            await gateways.aclose()
 
     try:
-        asyncio.run(run())
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(run())
     finally:
         services.close()
     return 0

@@ -107,3 +107,13 @@ def test_egress_grant_with_a_port_lies_within_the_host_grant() -> None:
     (evil,) = Grants.parse(["egress:evil.io:443"]).items
     assert one.within(host) and anyport.within(host)
     assert not odd.within(host) and not evil.within(host) and not host.within(one)
+
+
+def test_http_grant_without_a_path_covers_the_whole_service() -> None:
+    g = Grants.parse(["http:crm", "http:billing/invoices/*"])
+    assert g.allows("http", "crm/customers/42") and g.allows("http", "crm/")
+    assert not g.allows("http", "crmx/customers") and not g.allows("http", "billing/refunds/1")
+    assert g.allows("http", "billing/invoices/7")
+    (svc,) = Grants.parse(["http:crm"]).items
+    (path,) = Grants.parse(["http:crm/customers/*"]).items
+    assert path.within(svc) and not svc.within(path)

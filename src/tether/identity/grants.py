@@ -51,12 +51,16 @@ class Grant:
 
     def matches(self, value: str) -> bool:
         """Does this grant allow ``value`` (a concrete model, tool, service or domain)?
-        An ``egress`` pattern without a port covers ``host:port`` on any port."""
+        An ``egress`` pattern without a port covers ``host:port`` on any port, and an ``http``
+        pattern without a path (``http:crm``) covers every path of the service."""
         if fnmatchcase(value, self.pattern):
             return True
         if self.kind == "egress":
             host, sep, port = value.rpartition(":")
             return bool(sep) and port.isdigit() and fnmatchcase(host, self.pattern)
+        if self.kind == "http" and "/" not in self.pattern:  # http:crm is the whole service
+            service, sep, _ = value.partition("/")
+            return bool(sep) and fnmatchcase(service, self.pattern)
         return False
 
     def within(self, parent: Grant) -> bool:
@@ -71,6 +75,9 @@ class Grant:
             return (
                 bool(sep) and (port.isdigit() or port == "*") and fnmatchcase(host, parent.pattern)
             )
+        if self.kind == "http" and "/" not in parent.pattern:  # http:crm/x lies within http:crm
+            service, sep, _ = self.pattern.partition("/")
+            return bool(sep) and fnmatchcase(service, parent.pattern)
         return False
 
     def __str__(self) -> str:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -13,14 +15,19 @@ from starlette.types import ASGIApp
 
 from tether.errors import ConfigError
 from tether.gateways.egress.mount import build_egress_gateway
+from tether.gateways.http import HTTPGateway, build_http_gateway, with_http_gateway
 from tether.gateways.llm.gateway import LLMGateway, with_llm_gateway
 from tether.gateways.llm.mount import build_llm_gateway
+from tether.gateways.mcp.gateway import MCPGateway, with_mcp_gateway
+from tether.gateways.mcp.mount import build_mcp_gateway
 from tether.runtime.supervisor import BeamSupervisor
 from tether.server.app import create_app
 from tether.server.routes_usage import usage_router
 from tether.server.services import Services
 
-__all__ = ["bind_sockets", "build_server_app", "serve"]
+__all__ = ["Gateways", "bind_sockets", "build_server_app", "serve"]
+
+log = logging.getLogger(__name__)
 
 
 def _tcp_socket(listen: str) -> socket.socket:
@@ -77,20 +84,40 @@ def bind_sockets(services: Services, listen: str | None) -> list[socket.socket]:
         raise
 
 
+@dataclass
+class Gateways:
+    """The enforcement points served on the API's port, closed together."""
+
+    llm: LLMGateway
+    http: HTTPGateway
+    mcp: MCPGateway
+
+    async def aclose(self) -> None:
+        for gw in (self.mcp, self.http, self.llm):  # upstream pools, ledgers' last writes
+            try:
+                await gw.aclose()
+            except Exception as e:  # one failing close must not skip the others
+                log.warning("closing %s failed: %s", type(gw).__name__, type(e).__name__)
+
+
 def build_server_app(
     services: Services, beams: BeamSupervisor | None = None
-) -> tuple[ASGIApp, LLMGateway]:
-    """The whole server on one port: the LLM gateway's fast path for its four paths
-    (``/v1/chat/completions``, ``/v1/responses``, ``/v1/models``, ``/v1/messages``) in front
-    of the FastAPI app (identity, audit, approvals, usage)."""
+) -> tuple[ASGIApp, Gateways]:
+    """The whole server on one port: the gateways' fast paths (``/mcp/<server>``,
+    ``/http/<service>/...``, and the LLM gateway's ``/v1/chat/completions``,
+    ``/v1/responses``, ``/v1/models``, ``/v1/messages``) in front of the FastAPI app
+    (identity, audit, approvals, usage, beams, tools). A bad ``[llm]``, ``[http]`` or
+    ``[mcp]`` table is a ConfigError here, before anything listens."""
     app = create_app(services)
-    gateway = build_llm_gateway(services)
-    app.include_router(usage_router(gateway.ledger))
-    server_app = with_llm_gateway(app, gateway)
+    llm = build_llm_gateway(services)
+    app.include_router(usage_router(llm.ledger))
+    http = build_http_gateway(services)
+    mcp = build_mcp_gateway(services)
+    server_app = with_mcp_gateway(with_http_gateway(with_llm_gateway(app, llm), http), mcp)
     if beams is not None:  # /v1/beams; each beam's bridge socket serves this same app
         app.state.beams = beams
         beams.bridge_app = server_app
-    return server_app, gateway
+    return server_app, Gateways(llm, http, mcp)
 
 
 def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> None:
@@ -99,7 +126,7 @@ def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> 
         sockets = bind_sockets(services, listen)
         egress = build_egress_gateway(services)  # a unix socket per beam with --allow-domain
         beams = BeamSupervisor(services, egress=egress)
-        app, gateway = build_server_app(services, beams)
+        app, gateways = build_server_app(services, beams)
         config = uvicorn.Config(
             app,
             log_level=log_level,
@@ -120,7 +147,7 @@ def serve(root: Path, listen: str | None = None, log_level: str = "warning") -> 
             finally:
                 await beams.aclose()  # every beam killed and its end recorded, log still open
                 await egress.aclose()
-                await gateway.aclose()  # upstream pools, and the usage ledger's last writes
+                await gateways.aclose()
 
         # uvicorn's loop (uvloop when installed, as uvicorn[standard] does): the gateway's
         # per-request socket work costs about half what it does on asyncio's own loop.
