@@ -1108,17 +1108,27 @@ class MCPGateway:
         error: str | None = None,
     ) -> None:
         """Record the result without holding the agent's connection (the call's record was
-        durable before the upstream saw it): queued to share the next commit."""
+        durable before the upstream saw it): queued to share the next commit. The action and
+        its decision are in the call's record (same ``request_id``); this one stays small."""
         extra: dict[str, Any] = {
             **data,
             "status": status,
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "action_digest": decision.action_digest,
         }
         if error:
             extra["error"] = error
-        bodies = {"response": _cap(body, self.settings.max_recorded_body)} if body else {}
-        ev = DecisionCore.event(action, decision, data=extra, bodies=bodies)
-        self._results.append(dataclasses.replace(ev, type="tool.result"))
+        claims = action.principal
+        self._results.append(
+            Event(
+                type="tool.result",
+                actor=str(claims.subject),
+                subject=action.resource,
+                session=claims.task,
+                data=extra,
+                bodies={"response": _cap(body, self.settings.max_recorded_body)} if body else {},
+            )
+        )
         if len(self._results) >= RESULT_FLUSH_COUNT:
             self._flush_results()
         elif self._flush is None:
