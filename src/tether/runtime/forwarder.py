@@ -431,9 +431,16 @@ def _pack_fds(fds: list[int]) -> bytes:
 def main(argv: list[str]) -> int:
     if len(argv) == 3 and argv[1] == "launch":
         return launch(int(argv[2]))
+    if len(argv) == 3 and argv[1] == "launch-file":  # runsc: no fds pass into gVisor
+        try:
+            fd = posix.open(argv[2], posix.O_RDONLY)
+        except OSError as e:
+            _say(f"cannot start: {e}")
+            return 125
+        return launch(fd)
     if len(argv) == 3 and argv[1] == "exec-client":
         return exec_client(int(argv[2]))
-    _say("usage: forwarder.py launch FD | exec-client FD")
+    _say("usage: forwarder.py launch FD | launch-file PATH | exec-client FD")
     return 2
 
 
