@@ -658,3 +658,20 @@ async def test_only_the_decided_parameters_reach_the_upstream(
         "arguments": {"table": "t"},
         "_meta": {"progressToken": 7},
     }
+
+
+async def test_a_failure_inside_the_gateway_is_a_json_rpc_error_not_a_500(
+    gateway: Running, token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_raw(gateway.base, token) as raw:
+
+        async def broken(_sid: str) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(gateway.gw.sessions, "get", broken)
+        r = await raw.call("read_rows", {"table": "t"})
+        assert r.status_code == 502
+        assert r.json()["error"]["code"] == rpc.INTERNAL_ERROR
+        assert r.json()["error"]["message"] == "gateway error (RuntimeError)"
+        monkeypatch.undo()
+        assert (await raw.call("read_rows", {"table": "t"})).json()["result"]

@@ -146,6 +146,34 @@ async def test_inspection_hook_blocks_and_flags(
     assert results[2]["data"]["findings"][0]["detector"] == "pii"
 
 
+class Broken:
+    async def call(self, ctx: ToolContext, arguments: Mapping[str, Any]) -> Finding | None:
+        if arguments.get("table") == "boom":
+            raise KeyError("bug")
+        return None
+
+    async def result(self, ctx: ToolContext, result: Mapping[str, Any]) -> Finding | None:
+        raise RuntimeError("bug")
+
+
+async def test_an_inspector_that_raises_blocks_fail_closed(
+    services: Services, table: dict[str, Any], token: str, db: DbServer
+) -> None:
+    gw = serve_gateway(services, table, inspectors=[Broken()])
+    try:
+        async with mcp_client(gw.url("db"), token) as c:
+            with pytest.raises(MCPError) as on_call:
+                await c.call_tool("read_rows", {"table": "boom"})
+            with pytest.raises(MCPError) as on_result:
+                await c.call_tool("read_rows", {"table": "customers"})
+    finally:
+        gw.served.stop()
+    for e in (on_call, on_result):
+        assert e.value.code == rpc.INSPECTION_BLOCKED
+        assert "the inspector failed" in e.value.message and "fail closed" in e.value.message
+    assert [c[1]["table"] for c in db.calls] == ["customers"]  # the failed check sent nothing
+
+
 async def test_prompts_and_resources_only_when_passed_through(
     services: Services, table: dict[str, Any], mint: Callable[..., str], db: DbServer
 ) -> None:

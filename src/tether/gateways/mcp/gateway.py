@@ -37,7 +37,7 @@ from tether.errors import AuthenticationError, TetherError
 from tether.events import Event, Recorder
 from tether.gateways.mcp import jsonrpc as rpc
 from tether.gateways.mcp.config import MCPSettings, ServerConfig
-from tether.gateways.mcp.inspect import ToolContext, ToolInspector
+from tether.gateways.mcp.inspect import Finding, ToolContext, ToolInspector
 from tether.gateways.mcp.jsonrpc import Message, RpcError
 from tether.gateways.mcp.pins import Catalog, CatalogTool, PinBook
 from tether.gateways.mcp.sessions import Sessions
@@ -298,7 +298,7 @@ class MCPGateway:
         except Exception as e:  # never a 500 page, never a crash
             log.exception("MCP gateway failed on %s", path)
             err = RpcError(
-                rpc.UPSTREAM_FAILED, f"gateway error ({type(e).__name__})", "gateway_error", 502
+                rpc.INTERNAL_ERROR, f"gateway error ({type(e).__name__})", "gateway_error", 502
             )
             rid = req.msg.id if req.msg is not None else None
             await reply.finish(502, rpc.error_bytes(rid, err))
@@ -1062,7 +1062,7 @@ class MCPGateway:
         if self.inspectors:
             ctx = ToolContext(server.name, str(action.context["tool"]), claims, data["request_id"])
             for ins in self.inspectors:
-                f = await ins.result(ctx, result)
+                f = await _inspected(ins.result(ctx, result), ins)
                 if f is not None and f.action == "block":
                     text = f"tool result blocked by {f.detector}: {f.reason}"
                     self._result_record(action, decision, data, "blocked", started, error=text)
@@ -1144,7 +1144,7 @@ class MCPGateway:
     ) -> None:
         ctx = ToolContext(server.name, name, claims, rid)
         for ins in self.inspectors:
-            f = await ins.call(ctx, args)
+            f = await _inspected(ins.call(ctx, args), ins)
             if f is not None and f.action == "block":
                 raise RpcError(
                     rpc.INSPECTION_BLOCKED,
@@ -1246,6 +1246,16 @@ class MCPGateway:
                 )
             )
         )
+
+
+async def _inspected(check: Awaitable[Finding | None], ins: object) -> Finding | None:
+    """An inspector's finding; one that raises blocks (fail closed), naming the failure."""
+    try:
+        return await check
+    except Exception as e:
+        name = type(ins).__name__
+        log.warning("inspector %s failed: %s", name, type(e).__name__)
+        return Finding(name, "block", f"the inspector failed ({type(e).__name__}); fail closed")
 
 
 async def _wait_disconnect(receive: Receive) -> None:

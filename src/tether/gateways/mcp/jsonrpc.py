@@ -8,6 +8,7 @@ Error codes (``error.data.reason`` carries a stable name for programs)::
                                  missing / unknown session; message too large (HTTP 413)
     -32601  method_not_found     a method the gateway does not serve or forward
     -32602  invalid_params       params of the wrong shape; a tool that does not exist
+    -32603  gateway_error        the gateway itself failed (HTTP 502; a bug: see the log)
     -32050  policy_denied        tools/call denied by policy (data: reasons, policies)
     -32051  approval_pending     tools/call needs an approval (data: approval, quorum); retry
                                  once it is approved
@@ -34,6 +35,7 @@ __all__ = [
     "APPROVAL_PENDING",
     "AUDIT_UNAVAILABLE",
     "INSPECTION_BLOCKED",
+    "INTERNAL_ERROR",
     "INVALID_PARAMS",
     "INVALID_REQUEST",
     "METHOD_NOT_FOUND",
@@ -55,6 +57,7 @@ PARSE_ERROR = -32700
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
 POLICY_DENIED = -32050
 APPROVAL_PENDING = -32051
 TOOL_BLOCKED = -32052
