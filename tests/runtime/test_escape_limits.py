@@ -24,11 +24,12 @@ def _need(beams: Beams, *controllers: str) -> None:
 
 async def test_fork_bomb_is_held_by_the_pids_limit(beams: Beams) -> None:
     _need(beams, "pids")
-    # A real shell fork bomb: every process forks more of itself forever, retrying when a
-    # fork fails (so the population stays at the limit). Half a CPU keeps the host responsive.
-    # The command itself becomes `sleep`, so the beam lives on while the bomb runs.
+    # A fork bomb: every process forks forever and retries when a fork fails, so the
+    # population stays at the limit. Half a CPU keeps the host responsive. The command
+    # itself becomes `sleep`, so the beam lives on while the bomb runs.
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     sb = await beams.start(
-        ["/bin/sh", "-c", "(b() { while :; do b & done; }; b) 2>/dev/null & exec sleep 600"],
+        ["/bin/sh", "-c", f'python3 -I -S -c "{bomb}" 2>/dev/null & exec sleep 600'],
         limits=Limits(pids=48, cpus=0.5),
     )
     (pids_cg,) = [Path(p) for p in sb.info()["cgroups"] if Path(p, "pids.max").exists()]
