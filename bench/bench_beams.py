@@ -136,6 +136,59 @@ class Bench:
         return time.perf_counter() - t
 
 
+RELAY_SCRIPT = r"""
+import socket, sys, time, json
+N = int(sys.argv[1])
+REQ = b"GET /r HTTP/1.1\r\nHost: beam\r\n\r\n"
+def run(sock):
+    if sock.family != socket.AF_UNIX:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    times = []
+    for i in range(N):
+        t = time.perf_counter()
+        sock.sendall(REQ)
+        got = b""
+        while not got.endswith(b"ok"):
+            got += sock.recv(4096)
+        times.append(time.perf_counter() - t)
+    sock.close()
+    times.sort()
+    return times[len(times) // 2] * 1e6, times[int(len(times) * 0.99)] * 1e6
+u = socket.socket(socket.AF_UNIX)
+u.connect("/run/tether/gateway.sock")
+direct = run(u)
+via = run(socket.create_connection(("127.0.0.1", 8080)))
+print(json.dumps({"direct": direct, "forwarder": via}))
+"""
+
+
+async def _keepalive_server(path: Path) -> asyncio.Server:
+    """A minimal HTTP/1.1 keep-alive responder on the bridge socket (fixed reply)."""
+    reply = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await r.readuntil(b"\r\n\r\n")
+                w.write(reply)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
+
+    return await asyncio.start_unix_server(handle, str(path))
+
+
+async def _relay(b: Bench, n: int) -> dict[str, list[float]]:
+    """Keep-alive requests from inside a beam: straight to the bridge socket vs through the
+    forwarder's TCP listener; the difference is what the forwarder adds per request."""
+    sb = await b.backend.start(b.spec(["python3", "-I", "-S", "-c", RELAY_SCRIPT, str(n)]))
+    out, err = await asyncio.gather(sb.stdout.read(), sb.stderr.read())
+    assert await sb.wait() == 0, err.decode()
+    import json
+
+    r: dict[str, list[float]] = json.loads(out)
+    return r
+
+
 async def _repeat(fn: Callable[[], Awaitable[float]], n: int) -> list[float]:
     for _ in range(max(2, n // 10)):  # warm caches
         await fn()
@@ -212,7 +265,7 @@ async def _concurrent(b: Bench, n: int, log: Callable[[str], None]) -> dict[str,
 
 async def _bench(quick: bool, concurrent: int, log: Callable[[str], None]) -> list[Result]:
     root = Path(tempfile.mkdtemp(prefix="tb-bench-"))
-    server = await asyncio.start_unix_server(lambda r, w: w.close(), str(root / "gw.sock"))
+    server = await _keepalive_server(root / "gw.sock")
     n = 30 if quick else 100
     try:
         b = Bench(root)
@@ -245,6 +298,20 @@ async def _bench(quick: bool, concurrent: int, log: Callable[[str], None]) -> li
                 "<= 50 ms",
                 f"p99 {_ms(limited, 0.99):.1f} ms",
                 _ms(limited, 0.5) <= 50,
+            )
+        )
+        log("relay")
+        relay = await _relay(b, 2000 if quick else 10000)
+        added = relay["forwarder"][0] - relay["direct"][0]
+        out.append(
+            Result(
+                "beams",
+                "keep-alive request through the forwarder: added p50",
+                added,
+                "us",
+                "",
+                f"forwarder p50 {relay['forwarder'][0]:.0f} us, p99 {relay['forwarder'][1]:.0f} us;"
+                f" unix socket direct p50 {relay['direct'][0]:.0f} us",
             )
         )
         log("teardown")
