@@ -21,6 +21,7 @@ through one gateway process at concurrency 32.
 
     python -m bench mcp                  # via the runner
     python -m bench.bench_mcp [--quick]  # standalone, prints the table
+    TETHER_BENCH_UVLOOP=1 python -m bench.bench_mcp   # the gateway process on uvloop
 """
 
 from __future__ import annotations
@@ -201,7 +202,12 @@ def gateway_process(home: str, port: int, upstream: str) -> int:
             await gateway.aclose()
 
     with suppress(KeyboardInterrupt):
-        asyncio.run(run())
+        if os.environ.get("TETHER_BENCH_UVLOOP"):  # what serve.py would gain from uvloop
+            import uvloop
+
+            uvloop.run(run())
+        else:  # as tether serve runs today: asyncio.run
+            asyncio.run(run())
     services.close()
     return 0
 
@@ -427,8 +433,41 @@ def _load(t: Target, **spec: Any) -> dict[str, Any]:
     return out
 
 
+def _audit_alone(n: int) -> float:
+    """p50 seconds of one durable audit append at concurrency 1 (an event the size of a
+    tools/call record), on a fresh data dir: the floor record_first puts under every call."""
+    from tether.events import Event
+    from tether.server.services import Services, init_data_dir
+
+    with tempfile.TemporaryDirectory(prefix="tether-bench-mcp-audit-") as tmp:
+        root = Path(tmp) / "home"
+        init_data_dir(root, "bench.test")
+        services = Services(root)
+        try:
+
+            async def run() -> list[float]:
+                out = []
+                for i in range(n):
+                    ev = Event(
+                        type="tool.call",
+                        actor="spiffe://bench.test/agent/bench",
+                        subject="bench.read_rows",
+                        data={"i": i, "action": {"resource": "bench.read_rows"}},
+                        bodies={"request": json.dumps(CALL).encode()},
+                    )
+                    t0 = time.perf_counter()
+                    await services.audit.arecord(ev)
+                    out.append(time.perf_counter() - t0)
+                return out
+
+            return statistics.median(asyncio.run(run())[n // 10 :])
+        finally:
+            services.close()
+
+
 def measure(plan: Plan, log: Any = print) -> list[Result]:
     figs: dict[str, dict[str, list[float]]] = {}
+    audit_p50 = statistics.median(_audit_alone(plan.lat_n // 2) for _ in range(3))
     with _processes() as targets:
         for t in targets:
             figs[t.name] = {"p50": [], "p99": [], "rps": []}
@@ -463,7 +502,8 @@ def measure(plan: Plan, log: Any = print) -> list[Result]:
             us50,
             "us",
             "<= 1,000 us",
-            f"direct {d50:.3f} ms, gateway {med('gateway', 'p50') * 1e3:.3f} ms{note}",
+            f"direct {d50:.3f} ms, gateway {med('gateway', 'p50') * 1e3:.3f} ms; one durable "
+            f"audit append alone, c=1: {audit_p50 * 1e3:.3f} ms{note}",
             us50 <= 1000,
         ),
         Result(
