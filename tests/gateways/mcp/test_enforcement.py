@@ -78,6 +78,8 @@ async def test_upstream_credential_is_injected_and_never_shown(
         async with mcp_client(gw.url("db"), token) as c:
             await c.list_tools()
             await c.call_tool("read_rows", {"table": "customers", "limit": 1})
+            # a secret an agent puts in arguments is redacted by the audit log
+            await c.call_tool("read_rows", {"table": "t", "password": "hunter2-very-secret"})
             with pytest.raises(MCPError) as e:
                 await c.call_tool("drop_table", {"table": "customers"})
         gw.served.run(gw.gw.drain())
@@ -97,6 +99,7 @@ async def test_upstream_credential_is_injected_and_never_shown(
     )
     assert UPSTREAM_SECRET.encode() not in audit_bytes
     assert token.encode() not in audit_bytes
+    assert b"hunter2-very-secret" not in audit_bytes
     assert UPSTREAM_SECRET not in caplog.text and token not in caplog.text
 
 

@@ -393,3 +393,25 @@ async def test_stdio_server_is_launched_kept_alive_and_gets_no_gateway_secrets(
             except MCPError:
                 await asyncio.sleep(0.1)
         assert pid2 is not None and pid2 != pid1
+
+
+async def test_a_lost_upstream_session_is_reopened_transparently(
+    gateway: Running, token: str, db: DbServer
+) -> None:
+    async with mcp_client(gateway.url("db"), token) as c:
+        assert not (await c.call_tool("read_rows", {"table": "a"})).is_error
+        row = next(gateway.gw.store.get_session(s) for s in list(gateway.gw._up_sessions))
+        assert row is not None and row.upstream_session
+        version, _, upstream_id = row.upstream_session.partition(" ")
+        # the upstream forgets the session (restart, idle expiry ...)
+        url = gateway.gw.settings.servers["db"].url
+        assert url is not None
+        async with httpx.AsyncClient() as h:
+            r = await h.delete(
+                url, headers={"mcp-session-id": upstream_id, "mcp-protocol-version": version}
+            )
+        assert r.status_code in (200, 204)
+        assert not (await c.call_tool("read_rows", {"table": "b"})).is_error
+        again = gateway.gw.store.get_session(row.id)
+    assert again is not None and again.upstream_session not in (None, row.upstream_session)
+    assert [x[1]["table"] for x in db.calls] == ["a", "b"]
