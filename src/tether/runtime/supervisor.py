@@ -370,6 +370,7 @@ class _Live:
     watch: asyncio.Task[None] | None = None
     egress: EgressListenerLike | None = None
     violations: int = 0
+    ending: bool = False  # its end is being recorded
 
 
 def _runtime_dir(data_root: Path) -> Path:
@@ -898,15 +899,24 @@ class BeamSupervisor:
     async def _finish(self, live: _Live, code: int | None, error: str | None = None) -> None:
         """End a beam, whatever ended it: revoke, record, save, clean up. Never raises, and
         always releases whoever waits for the end."""
+        live.ending = True
+        end: dict[str, Any] = {"reason": "error", "exit_code": code}
         try:
-            await self._end(live, code, error)
+            # the ended record becomes visible only now, with everything about the end done
+            live.rec, end = await self._end(live, code, error)
         except Exception as e:
             log.error("ending beam %s failed: %s: %s", live.rec.id, type(e).__name__, e)
         finally:
             self._live.pop(live.rec.id, None)
+            try:
+                live.book.close(end)  # followers see the end after the record says so
+            except OSError as e:
+                log.error("could not close the output of beam %s: %s", live.rec.id, e)
             live.done.set()
 
-    async def _end(self, live: _Live, code: int | None, error: str | None) -> None:
+    async def _end(
+        self, live: _Live, code: int | None, error: str | None
+    ) -> tuple[BeamRecord, dict[str, Any]]:
         svc = self.services
         rec = live.rec
         reason, by = live.end_reason or ("exit", None)
@@ -941,11 +951,7 @@ class BeamSupervisor:
                 data=end,
             )
         )
-        try:
-            live.book.close(end)
-        except OSError as e:
-            log.error("could not close the output of beam %s: %s", rec.id, e)
-        live.rec = rec = rec.evolve(
+        rec = rec.evolve(
             state="ended",
             ended_ms=ended_ms,
             exit_code=code,
@@ -958,6 +964,7 @@ class BeamSupervisor:
             log.error("could not save the end of beam %s: %s", rec.id, e.message)
         if rec.workspace_owned and not rec.keep_workspace:
             await asyncio.to_thread(shutil.rmtree, rec.workspace, True)
+        return rec, end
 
     async def _revoke(self, claims: TokenClaims, reason: str) -> str | None:
         """Revoke the beam's token (and everything delegated from it). The beam's own claims
@@ -978,6 +985,9 @@ class BeamSupervisor:
     async def kill(self, caller: TokenClaims, beam_id: str) -> BeamRecord:
         rec = await self.get(caller, beam_id)
         live = self._live.get(beam_id)
+        if live is not None and live.ending:  # its end is being recorded: let it finish
+            await live.done.wait()
+            rec, live = live.rec, None
         if live is None:
             raise BeamConflict(f"beam {beam_id} already ended ({rec.end_reason})")
         if live.end_reason is None:
@@ -993,7 +1003,7 @@ class BeamSupervisor:
     ) -> asyncio.subprocess.Process:
         rec = await self.get(caller, beam_id)
         live = self._live.get(beam_id)
-        if live is None or live.sandbox is None or live.end_reason is not None:
+        if live is None or live.sandbox is None or live.end_reason is not None or live.ending:
             raise BeamConflict(f"beam {beam_id} is not running ({rec.end_reason or rec.state})")
         args = parse_argv(list(argv))
         await self.services.audit.arecord(
@@ -1009,7 +1019,11 @@ class BeamSupervisor:
 
     async def remove(self, caller: TokenClaims, beam_id: str, force: bool = False) -> None:
         rec = await self.get(caller, beam_id)
-        if beam_id in self._live:
+        live = self._live.get(beam_id)
+        if live is not None and live.ending:
+            await live.done.wait()
+            rec = live.rec
+        elif live is not None:
             if not force:
                 raise BeamConflict(f"beam {beam_id} is running; kill it first (or force)")
             rec = await self.kill(caller, beam_id)
