@@ -250,6 +250,40 @@ async def test_a_beam_runs_streams_and_ends_on_the_record(
         services.verifier.verify(env["OPENAI_API_KEY"])
 
 
+async def test_the_tool_definitions_a_beam_may_use_are_attested(
+    services: Services,
+    fake: FakeBackend,
+    base_fs: BaseFsDigest,
+    admin: TokenClaims,
+    tmp_path: Path,
+) -> None:
+    from tether.identity.grants import Grants
+    from tether.runtime.attest import tool_digest
+
+    catalog = {"search": {"name": "search", "inputSchema": {}}, "db.drop": {"name": "db.drop"}}
+
+    def reachable(grants: Grants) -> list[dict[str, Any]]:
+        return [d for name, d in catalog.items() if grants.allows("tool", name)]
+
+    s = BeamSupervisor(
+        services,
+        bridge_app=_noop_app,
+        backends={"bwrap": fake},
+        base_fs=base_fs,
+        tools=reachable,
+        runtime_dir=_short_dir(tmp_path),
+    )
+    await s.start()
+    try:
+        declared = {"name": "local", "description": "the agent's own"}
+        rec = await s.create(admin, req("true", grants=["tool:search"], tools=[declared]))
+        assert rec.attestation["tools"] == sorted(
+            [tool_digest(declared), tool_digest(catalog["search"])]
+        )
+    finally:
+        await s.aclose()
+
+
 async def test_the_environment_is_the_beams_own(
     sup: BeamSupervisor, admin: TokenClaims, fake: FakeBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:

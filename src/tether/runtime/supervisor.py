@@ -56,7 +56,8 @@ from tether.errors import (
 )
 from tether.events import Event
 from tether.identity.authority import Authority
-from tether.identity.claims import TokenClaims
+from tether.identity.claims import TokenClaims, parse_grants
+from tether.identity.grants import Grants
 from tether.identity.revocation import RevocationList
 from tether.identity.spiffe import SpiffeId
 from tether.policy.action import Action, Decision
@@ -401,7 +402,7 @@ class BeamSupervisor:
         bridge_app: ASGIApp | None = None,
         backends: Mapping[str, Backend] | None = None,
         base_fs: BaseFsDigest | None = None,
-        tools: Callable[[], Sequence[Mapping[str, Any]]] | None = None,
+        tools: Callable[[Grants], Sequence[Mapping[str, Any]]] | None = None,
         egress: EgressGatewayLike | None = None,
         runtime_dir: Path | None = None,
     ) -> None:
@@ -640,7 +641,10 @@ class BeamSupervisor:
     ) -> BeamRecord:
         svc = self.services
         base = await asyncio.to_thread(self.base_fs.get)
-        tools = [*req.tools, *(self.tools() if self.tools is not None else ())]
+        # the definitions the caller declares, and those the tool gateway says the beam's
+        # grants reach (pinned MCP tools, say): the beam is attested to them all
+        granted = parse_grants(req.grants)
+        tools = [*req.tools, *(self.tools(granted) if self.tools is not None else ())]
         doc = build_attestation(
             beam_id=beam_id,
             objective=req.objective,
