@@ -359,7 +359,8 @@ async def test_bad_http(case: str, raw: Raw, shared: Shared) -> None:
     assert r.json()["error"]["data"]["reason"] == reason
     if status == 405:
         assert r.headers["allow"] == "POST, DELETE"
-    assert shared.recorded() == before + 1
+    # the optional GET stream SDK clients open on every connect is answered, not recorded
+    assert shared.recorded() == before + (0 if case == "get_server_stream" else 1)
 
 
 @pytest.fixture

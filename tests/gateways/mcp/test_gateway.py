@@ -78,6 +78,7 @@ async def test_allowed_call_goes_through_and_is_recorded(
     assert [e["data"]["status"] for e in results] == ["ok"]
     body = services.audit.body(results[0]["bodies"]["response"])
     assert b"Ada Lovelace" in body
+    assert events(services, "mcp.refused") == []  # the SDK's server/discover probe is no attempt
     started = events(services, "mcp.session.started")
     assert started and started[0]["data"]["server"] == "db"
     listed = events(services, "mcp.tools.listed")

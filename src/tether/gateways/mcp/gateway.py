@@ -287,6 +287,9 @@ class MCPGateway:
                     "the session (this gateway opens no server-to-client stream)",
                     "method_not_allowed",
                     405,
+                    # Clients open the optional GET stream on every connect (the spec allows
+                    # the 405): no record. Anything else is recorded.
+                    recorded=method == "GET",
                 )
         except RpcError as e:
             await self._refused(req, e)
@@ -501,11 +504,14 @@ class MCPGateway:
             await self._initialize(req, msg)
             return
         if method == "server/discover":
+            # The SDK's era probe on every connect: a negotiation, not an attempt on anything,
+            # so it is answered (the client falls back to initialize) without a record.
             raise RpcError(
                 rpc.METHOD_NOT_FOUND,
                 "server/discover is not supported: this gateway speaks the initialize "
                 f"handshake ({', '.join(HANDSHAKE_VERSIONS)})",
                 "method_not_found",
+                recorded=True,
             )
         sess = await self._session(req)
         if method == "tools/call":
