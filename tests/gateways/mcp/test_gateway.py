@@ -416,3 +416,74 @@ async def test_a_lost_upstream_session_is_reopened_transparently(
         again = gateway.gw.store.get_session(row.id)
     assert again is not None and again.upstream_session not in (None, row.upstream_session)
     assert [x[1]["table"] for x in db.calls] == ["a", "b"]
+
+
+async def test_session_continues_in_another_process(
+    home: Path, services: Services, table: dict[str, Any], token: str, db: DbServer
+) -> None:
+    """The same with a real second process sharing the data dir's store and trust bundle:
+    every other request of one SDK session lands in that process."""
+    import json
+    import subprocess
+    import sys
+
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    a = serve_gateway(services, table)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("other_process.py")),
+            str(home),
+            json.dumps(services.bundle_doc),
+            json.dumps(table),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        port_b = int(proc.stdout.readline())
+        ports = [a.served.port, port_b]
+        for _ in range(200):  # until the other process answers
+            try:
+                httpx.get(f"http://127.0.0.1:{port_b}/mcp/db", timeout=1)
+                break
+            except httpx.TransportError:
+                await asyncio.sleep(0.05)
+
+        class Alternate(httpx2.AsyncBaseTransport):
+            def __init__(self) -> None:
+                self.inner = httpx2.AsyncHTTPTransport()
+                self.n = 0
+
+            async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+                request.url = request.url.copy_with(port=ports[self.n % 2])
+                self.n += 1
+                return await self.inner.handle_async_request(request)
+
+            async def aclose(self) -> None:
+                await self.inner.aclose()
+
+        http = httpx2.AsyncClient(
+            headers={"Authorization": f"Bearer {token}"}, transport=Alternate(), timeout=30
+        )
+        async with (
+            http,
+            Client(
+                streamable_http_client(a.url("db"), http_client=http), cache=None, mode="legacy"
+            ) as c,
+        ):
+            for i in range(4):
+                assert not (await c.call_tool("read_rows", {"table": f"t{i}"})).is_error
+            assert len(db.mcp.session_manager._server_instances) == 1
+        assert [x[1]["table"] for x in db.calls] == ["t0", "t1", "t2", "t3"]
+        # this process recorded the calls it served; the other process served the rest
+        served_here = {e["data"]["request_id"] for e in events(services, "tool.call")}
+        assert 0 < len(served_here) < 4
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        a.served.stop()
