@@ -5,11 +5,16 @@ and the unmodified OpenAI SDK: a human identity, a two-hop delegated agent token
 a refused widening with the reason, model calls through the LLM gateway (the bundled scripted
 model, since no upstream is configured) with a proposed tool call denied before the agent sees
 it, a model outside the grants refused, a swarm of agents held to a group limit with an
-approval quorum, a revocation that bites, the session timeline and a verification of the log.
+approval quorum, a real OpenAI-SDK agent in a beam (bubblewrap sandbox, no network, its own
+delegated token) with its attested objective proved against the log, an MCP agent in a beam
+reading customer rows through the tool gateway (a write tool refused, a schema change held for
+a human's approval), a revocation that bites, the session timeline and a verification of the
+log.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -58,6 +63,28 @@ def wait_ready(server: subprocess.Popen[bytes]) -> None:
         time.sleep(0.05)
     raise SystemExit("the server did not become ready in 30 s; see .demo/server.log")
 
+
+# The CRM behind the tool gateway: the bundled SQL MCP server, launched over stdio by the
+# gateway; a call held for approval waits up to two minutes.
+CRM_CONFIG = """
+[mcp.servers.crm]
+command = ["{python}", "-m", "tether.toolbox.sql", "--db", "{db}"]
+escalation_hold = "120s"
+
+[mcp.servers.crm.effects]
+create_index = "db.schema_change"
+"""
+
+CRM_POLICY = """\
+@id("crm-schema-changes-need-a-human")
+@escalate("1 of human")
+@reason("schema changes on the CRM need a human's approval")
+permit (
+  principal,
+  action == Tether::Action::"tool.call",
+  resource == Tether::Tool::"crm.create_index"
+) when { context.granted };
+"""
 
 BOUNDARIES = """\
 [groups.swarm]
@@ -111,11 +138,37 @@ def ask(client: openai.OpenAI, model: str, prompt: str) -> str:
     return text
 
 
+def capture(*args: str) -> str:
+    return subprocess.run(
+        [*TETHER, *args], env=ENV, cwd=DEMO, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def wait_for_approval(resource: str, proc: subprocess.Popen[bytes]) -> str:
+    """The id of the pending approval for ``resource``, once the held call has asked."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for a in json.loads(capture("approvals", "ls", "--json"))["approvals"]:
+            if a.get("summary", {}).get("resource") == resource:
+                return str(a["id"])
+        if proc.poll() is not None:
+            raise SystemExit("the agent ended before asking for approval")
+        time.sleep(0.2)
+    raise SystemExit(f"no approval request for {resource} appeared")
+
+
 def main() -> None:
     shutil.rmtree(DEMO, ignore_errors=True)
     DEMO.mkdir()
     say("1. Initialise a trust domain (keys 0600, SQLite store, audit log, first admin)")
     tether("init", "--trust-domain", "demo.tether.local")
+    seed = [sys.executable, "-m", "tether.toolbox.sql", "--db", str(DEMO / "crm.db")]
+    subprocess.run([*seed, "--seed-demo", "--seed-only"], check=True, stdout=subprocess.DEVNULL)
+    with (HOME / "config.toml").open("a") as f:
+        f.write(CRM_CONFIG.format(python=sys.executable, db=DEMO / "crm.db"))
+    (HOME / "policies" / "40-crm.cedar").write_text(CRM_POLICY)
+    print("a customers database (the bundled SQL MCP server) behind the tool gateway as 'crm';")
+    print("policy: schema changes on it need a human's approval (policies/40-crm.cedar)")
 
     say("2. Start the server (authority + API + audit log), on TCP and a unix socket")
     log = (DEMO / "server.log").open("w")
@@ -245,20 +298,78 @@ def main() -> None:
         if "needs approval" in retry:
             raise SystemExit("the approved action did not go through")
 
-        say("13. Revoke the planner's token: everything delegated from it dies with it")
+        say("13. A real agent in a beam: the unmodified OpenAI SDK, its model reached through")
+        print("Tether only (no network, read-only base, its own short-lived delegated token)")
+        work = DEMO / "agent"
+        work.mkdir(exist_ok=True)
+        shutil.copy(ROOT / "scripts" / "agent_demo.py", work / "agent.py")
+        shutil.copy(ROOT / "scripts" / "mcp_agent_demo.py", work / "mcp_agent.py")
+        tether(
+            "run",
+            "--objective",
+            "check the weather in Lisbon",
+            "--grant",
+            "model:tether-scripted-1",
+            "--grant",
+            "tool:get_weather",
+            "--ttl",
+            "2m",
+            "--workspace",
+            str(work),
+            "--",
+            "python",
+            "agent.py",
+        )
+        beams = json.loads(capture("beam", "ls", "--json"))["beams"]
+        say("14. The beam's objective attestation, proved against the signed audit log")
+        time.sleep(0.6)  # let the checkpointer sign it
+        tether("beam", "show", beams[0]["id"])
+
+        say("15. An MCP agent in a beam reads customer rows through the tool gateway; a write")
+        print("tool outside its grants is refused; a schema change waits for a human's approval")
+        run = subprocess.Popen(
+            [
+                *TETHER,
+                "run",
+                "--objective",
+                "weekly churn-risk report from the CRM",
+                "--grant",
+                "tool:crm.query",
+                "--grant",
+                "tool:crm.list_tables",
+                "--grant",
+                "tool:crm.create_index",
+                "--ttl",
+                "3m",
+                "--workspace",
+                str(work),
+                "--",
+                "python",
+                "mcp_agent.py",
+            ],
+            env=ENV,
+            cwd=DEMO,
+        )
+        approval = wait_for_approval("crm.create_index", run)
+        print(f"{DIM}(the call is held; bob, a human, approves {approval}){RESET}")
+        subprocess.run([*TETHER, "approvals", "approve", approval], env=bob, cwd=DEMO, check=True)
+        if run.wait(timeout=120) != 0:
+            raise SystemExit("the MCP agent failed")
+
+        say("16. Revoke the planner's token: everything delegated from it dies with it")
         tether("revoke", "--token", str(DEMO / "planner.jwt"), "--reason", "demo incident")
         tether("whoami", "--token", str(DEMO / "researcher.jwt"), expect_fail=True)
 
-        say("14. The session timeline, from the tamper-evident audit log")
+        say("17. The session timeline, from the tamper-evident audit log")
         tether("audit", "session", "churn-report-42")
 
-        say("15. Verify the whole log: Merkle tree, signed checkpoints")
+        say("18. Verify the whole log: Merkle tree, signed checkpoints")
         time.sleep(0.6)  # let the checkpointer sign the latest entries
         tether("audit", "verify")
         tether("audit", "checkpoint", "--out", str(DEMO / "checkpoint.txt"))
         tether("audit", "export", "--format", "jsonl", "--out", str(DEMO / "export.jsonl"))
 
-        say("16. An auditor checks the export with no Tether code (stdlib + cryptography)")
+        say("19. An auditor checks the export with no Tether code (stdlib + cryptography)")
         vkey = (HOME / "keys" / "audit-note.vkey").read_text().strip()
         cmd = [
             sys.executable,
