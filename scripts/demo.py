@@ -355,6 +355,9 @@ def main() -> None:
         subprocess.run([*TETHER, "approvals", "approve", approval], env=bob, cwd=DEMO, check=True)
         if run.wait(timeout=120) != 0:
             raise SystemExit("the MCP agent failed")
+        print("each tool's definition was pinned on first sight: a server that changes one later")
+        print("has it blocked until a person re-approves it (tether tools approve crm TOOL)")
+        tether("tools", "ls")
 
         say("16. Revoke the planner's token: everything delegated from it dies with it")
         tether("revoke", "--token", str(DEMO / "planner.jwt"), "--reason", "demo incident")

@@ -18,6 +18,7 @@ from tether.cli.approvals import approvals_app, request_cmd
 from tether.cli.beam import beam_app, run_cmd
 from tether.cli.client import ApiClient, read_token_file
 from tether.cli.policy import policy_app
+from tether.cli.tools import tools_app
 from tether.cli.usage import usage_cmd
 from tether.config import DataDir, resolve_data_dir, write_private
 from tether.errors import TetherError
@@ -45,6 +46,7 @@ app.command("request")(request_cmd)
 app.command("usage")(usage_cmd)
 app.command("run")(run_cmd)
 app.add_typer(beam_app, name="beam")
+app.add_typer(tools_app, name="tools")
 
 out = Console()
 err = Console(stderr=True)

@@ -22,6 +22,7 @@ from tether.gateways.mcp.gateway import MCPGateway, with_mcp_gateway
 from tether.gateways.mcp.mount import build_mcp_gateway
 from tether.runtime.supervisor import BeamSupervisor
 from tether.server.app import create_app
+from tether.server.routes_tools import tools_router
 from tether.server.routes_usage import usage_router
 from tether.server.services import Services
 
@@ -113,6 +114,7 @@ def build_server_app(
     app.include_router(usage_router(llm.ledger))
     http = build_http_gateway(services)
     mcp = build_mcp_gateway(services)
+    app.include_router(tools_router(mcp.store))  # /v1/tools: pinned MCP tool definitions
     server_app = with_mcp_gateway(with_http_gateway(with_llm_gateway(app, llm), http), mcp)
     if beams is not None:  # /v1/beams; each beam's bridge socket serves this same app
         app.state.beams = beams
