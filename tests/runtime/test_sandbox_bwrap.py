@@ -264,3 +264,52 @@ async def test_python_agent_starts_with_the_venv(beams: Beams) -> None:
     assert ran.rc == 0, ran.err
     assert ran.result[0] == __import__("sys").prefix
     assert os.path.realpath(PY)
+
+
+def _processes_naming(word: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if word.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.parametrize("delay", [0, 0.001, 0.003, 0.01, 0.03])
+async def test_a_start_cancelled_midway_leaves_nothing_and_runs_nothing(
+    beams: Beams, delay: float
+) -> None:
+    spec = beams.spec(["/bin/sh", "-c", "touch /workspace/ran"], limits=Limits(pids=16))
+    task = asyncio.ensure_future(beams.backend.start(spec))
+    await asyncio.sleep(delay)
+    task.cancel()
+    try:
+        sb = await task
+    except asyncio.CancelledError:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while _processes_naming(spec.beam_id):  # bwrap carries the id (--hostname)
+            assert loop.time() < deadline, _processes_naming(spec.beam_id)
+            await asyncio.sleep(0.005)
+        assert not (beams.workspace / "ran").exists()
+        assert beams.backend.leftovers() == []
+        return
+    beams.started.append(sb)  # it finished before the cancel landed: an ordinary beam
+    assert await sb.wait() == 0
+
+
+async def test_a_beam_without_its_state_file_is_still_found_and_reaped(beams: Beams) -> None:
+    # A server that died between creating the beam's directory and writing its pids.
+    sb = await beams.start(["/bin/sleep", "600"])
+    inside = host_pids_in_pidns(sb.info()["init_pid"])
+    (beams.backend.state_dir / sb.beam_id / "state.json").unlink()
+    restarted = BwrapBackend(state_dir=beams.backend.state_dir)
+    (found,) = restarted.leftovers()
+    assert found.beam_id == sb.beam_id and sb.pid in found.pids
+    restarted.reap(found)
+    assert await sb.wait() == 137
+    assert not [p for p in inside if Path(f"/proc/{p}").exists()]
+    assert _processes_naming(sb.beam_id) == []

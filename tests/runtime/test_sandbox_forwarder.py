@@ -195,3 +195,35 @@ async def test_usage() -> None:
     )
     _, err = await proc.communicate()
     assert proc.returncode == 2 and b"usage" in err
+
+
+@pytest.mark.parametrize("release", [b"1", b""], ids=["released", "host_gave_up"])
+async def test_command_waits_for_the_release_byte(
+    upstream: tuple[str, list[bytes]], tmp_path: Path, release: bytes
+) -> None:
+    go_r, go_w = os.pipe()
+    marker = tmp_path / "ran"
+    cfg = {
+        "argv": ["/usr/bin/touch", str(marker)],
+        "env": {},
+        "listen": [(free_port(), upstream[0])],
+        "go_fd": go_r,
+    }
+    fd = os.memfd_create("cfg", 0)
+    os.write(fd, marshal.dumps(cfg))
+    os.lseek(fd, 0, os.SEEK_SET)
+    proc = await asyncio.create_subprocess_exec(
+        PY, "-I", "-S", SOURCE, "launch", str(fd),
+        stderr=asyncio.subprocess.PIPE, pass_fds=(fd, go_r),
+    )  # fmt: skip
+    os.close(fd)
+    os.close(go_r)
+    if release:
+        os.write(go_w, release)
+    os.close(go_w)
+    _, err = await proc.communicate()
+    if release:
+        assert proc.returncode == 0 and marker.exists(), err
+    else:
+        assert proc.returncode == 125 and not marker.exists()
+        assert b"not released by the host" in err

@@ -20,7 +20,8 @@ the seccomp filter of :mod:`tether.runtime.seccomp`. The first process in the sa
 the forwarder (pid 1, :mod:`tether.runtime.forwarder`); killing it ends the pid namespace,
 which is how :meth:`BwrapSandbox.kill` takes down every process of the beam at once. The
 cgroups are joined before anything runs: bwrap blocks on ``--block-fd`` until the host has
-written the sandbox's pid into them.
+written the sandbox's pid into them, and the forwarder starts the command only on an
+explicit release byte (EOF, e.g. a server that died mid-start, releases nothing).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from tether.runtime._sb_state import (
     remove_dir,
     state_tag,
 )
-from tether.runtime.cgroups import BeamCgroups, CgroupHost, kill_all, remove
+from tether.runtime.cgroups import BeamCgroups, CgroupHost, kill_all, pids_in, remove
 from tether.runtime.sandbox import Leftover, SandboxSpec
 from tether.runtime.seccomp import build_filter, native_arch
 
@@ -324,6 +325,7 @@ class BwrapBackend:
         cg: BeamCgroups | None = None
         warnings: list[str] = []
         closing: list[int] = []  # fds handed to bwrap: ours to close once it has them
+        ours: list[int] = []  # host-side ends, closed on every way out
         handed_over = False  # from then on, the sandbox's own kill() cleans up
         try:
             if spec.limits.any:
@@ -354,79 +356,98 @@ class BwrapBackend:
             seccomp_fd = _memfd("seccomp", self._seccomp_program())
             closing.append(seccomp_fd)
             info_r, info_w = os.pipe()
+            ours.append(info_r)
             closing.append(info_w)
             os.set_blocking(info_r, False)
-            block_r = block_w = -1
-            if cg is not None and cg.paths:
-                block_r, block_w = os.pipe()
-                closing.append(block_r)
             ctl_host, ctl_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            ctl_host_fd = ctl_host.detach()
+            ours.append(ctl_host_fd)
             closing.append(ctl_child.detach())
-            ctl_fd = closing[-1]
-            launch = {
+            launch: dict[str, Any] = {
                 "argv": list(spec.argv),
                 "env": dict(spec.env),
                 "listen": [(port, inside) for _, inside, port in sockets],
                 "cwd": WORKSPACE,
-                "ctl_fd": ctl_fd,
+                "ctl_fd": closing[-1],
             }
+            args += ["--seccomp", str(seccomp_fd), "--info-fd", str(info_w)]
+            # The release, when there are cgroups to join: bwrap waits on its block fd (so its
+            # own setup is charged to the beam too), then the forwarder waits for one byte on
+            # its go fd. EOF on either means "not released": bwrap carries on, but the
+            # forwarder exits without running anything. So a server that dies or gives up
+            # mid-start can never let a beam run outside its limits.
+            release: list[int] = []
+            if cg is not None and cg.paths:
+                block_r, block_w = os.pipe()
+                go_r, go_w = os.pipe()
+                closing += [block_r, go_r]
+                release = [block_w, go_w]
+                ours += release
+                args += ["--block-fd", str(block_r)]
+                launch["go_fd"] = go_r
             cfg_fd = _memfd("launch", marshal.dumps(launch))
             closing.append(cfg_fd)
-            args += ["--seccomp", str(seccomp_fd), "--info-fd", str(info_w)]
-            if block_r >= 0:
-                args += ["--block-fd", str(block_r)]
             args += ["--", self.python, "-I", "-S", f"{INIT_DIR}/forwarder.pyc"]
             args += ["launch", str(cfg_fd)]
 
-            proc = await asyncio.create_subprocess_exec(
-                *args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=tuple(closing),
+            spawn = asyncio.ensure_future(
+                asyncio.create_subprocess_exec(
+                    *args,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=tuple(closing),
+                )
             )
-            for fd in closing:
-                os.close(fd)
-            closing = []
+            try:
+                # shielded: a cancel landing mid-spawn must not lose the process
+                proc = await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                ours.remove(info_r)
+                _abort(await spawn, info_r)
+                raise
+            _close_all(closing)
             try:
                 info = await _read_info(info_r)
-            finally:
-                os.close(info_r)
+            except BaseException:
+                ours.remove(info_r)
+                _abort(proc, info_r)  # e.g. the caller gave up (cancelled) mid-start
+                raise
             if info is None:
                 rc = await proc.wait()
                 said = (await proc.stderr.read()).decode(errors="replace") if proc.stderr else ""
-                if block_w >= 0:
-                    os.close(block_w)
                 raise SandboxError(
                     f"bwrap could not start beam {spec.beam_id} (exit {rc}): "
                     f"{said.strip()[-500:] or 'no message'}"
                 )
             init_pid = int(info["child-pid"])
-            sandbox = BwrapSandbox(self, spec, proc, init_pid, ctl_host, cg, warnings, beam_dir)
+            ours.remove(ctl_host_fd)  # the sandbox owns it from here
+            ctl = socket.socket(fileno=ctl_host_fd)
+            sandbox = BwrapSandbox(self, spec, proc, init_pid, ctl, cg, warnings, beam_dir)
             handed_over = True
             try:
-                if cg is not None and block_w >= 0:
+                if cg is not None and release:
                     try:
                         cg.add(init_pid)
                     except OSError as e:
                         raise SandboxError(
                             f"could not put beam {spec.beam_id} into its cgroups ({e.strerror})"
                         ) from e
-                    os.write(block_w, b"1")
+                    for fd in release:
+                        os.write(fd, b"1")
             except BaseException:
+                sandbox._signal_init(signal.SIGKILL)
+                _close_all(ours)
                 await sandbox.kill()
                 raise
-            finally:
-                if block_w >= 0:
-                    os.close(block_w)
+            _close_all(ours)
             SandboxState(
                 spec.beam_id, self.name, proc_ref(proc.pid), sandbox.init, _paths(cg)
             ).write(beam_dir)
             return sandbox
         except BaseException:
-            for fd in closing:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            _close_all(closing)
+            _close_all(ours)
             if not handed_over:
                 if cg is not None:
                     cg.kill_all()
@@ -445,18 +466,15 @@ class BwrapBackend:
                 if d.name.startswith(".") or d.name in self._live or not d.is_dir():
                     continue
                 st = SandboxState.read(d)
-                found[d.name] = Leftover(d.name, st.live_pids() if st else ())
+                pids = set(st.live_pids() if st else ()) | self._bwraps_of(d.name)
+                found[d.name] = Leftover(d.name, tuple(sorted(pids)))
         prefix = f"tether-{state_tag(self.state_dir)}-"
         for cg in self.cgroup_host.children(prefix):
             beam_id = cg.name[len(prefix) :]
             if beam_id in self._live:
                 continue
-            from tether.runtime.cgroups import pids_in
-
-            pids = tuple(
-                sorted(set(found[beam_id].pids if beam_id in found else ()) | pids_in([cg]))
-            )
-            found[beam_id] = Leftover(beam_id, pids)
+            known = set(found[beam_id].pids) if beam_id in found else set()
+            found[beam_id] = Leftover(beam_id, tuple(sorted(known | pids_in([cg]))))
         return list(found.values())
 
     def reap(self, leftover: Leftover) -> None:
@@ -473,10 +491,11 @@ class BwrapBackend:
         for ref in (st.init, st.outer) if st else ():
             if ref is not None:
                 ref.kill()
+        targets = set(leftover.pids) | self._bwraps_of(leftover.beam_id)
         deadline = time.monotonic() + TEARDOWN_BACKSTOP_S
         while True:
             kill_all(cgroups)
-            still = [p for p in leftover.pids if _alive(p)]
+            still = [p for p in targets if _alive(p)]
             for pid in still:
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
@@ -489,6 +508,22 @@ class BwrapBackend:
                 )
             time.sleep(0.005)
         remove_dir(beam_dir)
+
+    def _bwraps_of(self, beam_id: str) -> set[int]:
+        """bwrap processes of a beam that never got as far as its state file (a server that
+        died mid-start): found by the ``--hostname <beam id>`` they carry."""
+        if self.bwrap is None:
+            return set()
+        head = os.fsencode(self.bwrap) + b"\0"
+        mark = b"\0--hostname\0" + beam_id.encode() + b"\0"
+        found: set[int] = set()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError):
+                    cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    if cmdline.startswith(head) and mark in cmdline:
+                        found.add(int(entry))
+        return found
 
 
 class BwrapSandbox:
@@ -723,6 +758,44 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_aborting: set[asyncio.Task[None]] = set()
+
+
+def _abort(proc: asyncio.subprocess.Process, info_r: int) -> None:
+    """End a bwrap that is still setting up, in the background (the caller is leaving).
+
+    Kill the sandbox's process first, then bwrap: bwrap arms --die-with-parent in the
+    sandbox only once it has released it, and a sandbox whose bwrap dies before that waits
+    forever. Its pid comes on the info fd, which bwrap writes right after creating it. (The
+    forwarder would not start the command anyway without the release byte.)"""
+
+    async def finish() -> None:
+        try:
+            if proc.returncode is None:
+                try:
+                    info = await asyncio.wait_for(_read_info(info_r), TEARDOWN_BACKSTOP_S)
+                except (TimeoutError, OSError, ValueError):
+                    info = None
+                if info is not None:
+                    with contextlib.suppress(OSError):
+                        os.kill(int(info["child-pid"]), signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        finally:
+            os.close(info_r)
+
+    task = asyncio.ensure_future(finish())
+    _aborting.add(task)
+    task.add_done_callback(_aborting.discard)
+
+
+def _close_all(fds: list[int]) -> None:
+    while fds:
+        with contextlib.suppress(OSError):
+            os.close(fds.pop())
 
 
 def _set_done(fut: asyncio.Future[None]) -> None:

@@ -399,6 +399,18 @@ def launch(cfg_fd: int) -> int:
     except (OSError, ValueError, EOFError, KeyError, TypeError) as e:
         _say(f"cannot start: {e}")
         return 125
+    go_fd = cfg.get("go_fd")
+    if go_fd is not None:
+        # The host releases us with one byte once we are in the beam's cgroups; EOF means it
+        # gave up or died mid-start, and then nothing of the command may run.
+        try:
+            released = posix.read(go_fd, 1) == b"1"
+        except OSError:
+            released = False
+        posix.close(go_fd)
+        if not released:
+            _say("not released by the host (limits not in place); not starting the command")
+            return 125
     fwd.start()
     return fwd.run()
 
