@@ -65,6 +65,7 @@ INIT_DIR = "/run/tether-init"
 GATEWAY_SOCK = f"{RUN_DIR}/gateway.sock"
 EGRESS_SOCK = f"{RUN_DIR}/egress.sock"
 TEARDOWN_BACKSTOP_S = 5.0
+START_BACKSTOP_S = 30.0  # failure backstops only: a start takes milliseconds
 
 # Read-only pieces of the host's /etc that programs need (dynamic linking, TLS, time zone,
 # alternatives symlinks in /usr/bin); bound when present. Never /etc as a whole: it holds
@@ -408,10 +409,14 @@ class BwrapBackend:
                 raise
             _close_all(closing)
             try:
-                info = await _read_info(info_r)
-            except BaseException:
+                info = await asyncio.wait_for(_read_info(info_r), START_BACKSTOP_S)
+            except BaseException as e:
                 ours.remove(info_r)
                 _abort(proc, info_r)  # e.g. the caller gave up (cancelled) mid-start
+                if isinstance(e, TimeoutError):
+                    raise SandboxError(
+                        f"bwrap did not create beam {spec.beam_id} within {START_BACKSTOP_S} s"
+                    ) from e
                 raise
             if info is None:
                 rc = await proc.wait()
