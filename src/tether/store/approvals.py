@@ -15,8 +15,7 @@ two processes sharing the file serialise cleanly. State changes are also conditi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +29,6 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
-    event,
     insert,
     or_,
     select,
@@ -38,10 +36,8 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import SQLAlchemyError
 
-from tether.errors import StoreError
-from tether.store.db import sqlite_or_url_engine
+from tether.store.tables import SqlTables
 
 __all__ = [
     "STATES",
@@ -186,21 +182,6 @@ class ApprovalRecord:
         return out
 
 
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    # Let SQLAlchemy's "begin" event issue BEGIN itself (the pysqlite recipe).
-    dbapi_conn.isolation_level = None
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    mode = conn.get_execution_options().get("tether_begin", "IMMEDIATE")
-    conn.exec_driver_sql(f"BEGIN {mode}")
-
-
 def _record(row: Row[Any], vote_rows: Sequence[Row[Any]] = ()) -> ApprovalRecord:
     m = row._mapping
     return ApprovalRecord(
@@ -236,49 +217,14 @@ def _record(row: Row[Any], vote_rows: Sequence[Row[Any]] = ()) -> ApprovalRecord
     )
 
 
-class ApprovalStore:
+class ApprovalStore(SqlTables):
     """Approval requests and votes. Safe to share between threads and processes."""
 
+    label = "approval store"
+
     def __init__(self, url_or_path: str | Path) -> None:
-        self.url, self._engine = sqlite_or_url_engine(url_or_path, _sqlite_connect)
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "begin", _sqlite_begin)
-        try:
-            with self._engine.begin() as conn:
-                metadata.create_all(conn)
-        except SQLAlchemyError as e:
-            raise StoreError(f"approval store: {type(e).__name__}: {e}") from e
+        super().__init__(url_or_path, metadata)
 
-    def __repr__(self) -> str:
-        return f"ApprovalStore({self._engine.url.render_as_string(hide_password=True)!r})"
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def tx(self) -> Iterator[Connection]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite). Exceptions roll it back;
-        SQLAlchemy errors surface as :class:`StoreError`."""
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as e:
-            msg = e.args[0] if e.args else ""
-            raise StoreError(f"approval store: {type(e).__name__}: {msg}") from e
-
-    @contextmanager
-    def read(self) -> Iterator[Connection]:
-        """A read-only snapshot (``BEGIN DEFERRED``): never takes the write lock."""
-        try:
-            with self._engine.connect() as conn:
-                conn.execution_options(tether_begin="DEFERRED")
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as e:
-            msg = e.args[0] if e.args else ""
-            raise StoreError(f"approval store: {type(e).__name__}: {msg}") from e
-
-    # queries (all take the caller's connection so they compose into one transaction) ------
     @staticmethod
     def insert(conn: Connection, rec: ApprovalRecord) -> None:
         conn.execute(

@@ -13,8 +13,7 @@ after a restart) or ``failed`` (its sandbox never started).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -34,11 +33,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import Row
 
-from tether.errors import StoreError
-from tether.store.db import sqlite_or_url_engine
+from tether.store.tables import SqlTables
 
 __all__ = ["BEAM_STATES", "BeamRecord", "BeamState", "BeamStore"]
 
@@ -146,56 +143,31 @@ def _from_row(row: Row[Any]) -> BeamRecord:
     return BeamRecord(**m)
 
 
-def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    # NORMAL, not FULL: under WAL a crash of the process loses nothing, and a power loss can
-    # lose only the last beam rows; the audit log (FULL) stays the record of what happened.
-    # Keeps the two writes on the create path well under a millisecond.
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
+class BeamStore(SqlTables):
+    """Beam records. Safe to share between threads.
 
+    ``synchronous=NORMAL``, not FULL: under WAL a crash of the process loses nothing, and a
+    power loss can lose only the last beam rows; the audit log (FULL) stays the record of what
+    happened. Keeps the two writes on the create path well under a millisecond."""
 
-class BeamStore:
-    """Beam records. Safe to share between threads."""
+    label = "beam store"
 
     def __init__(self, url_or_path: str | Path) -> None:
-        self.url, self._engine = sqlite_or_url_engine(url_or_path, _pragmas)
-        try:
-            with self._engine.begin() as conn:
-                metadata.create_all(conn)
-        except SQLAlchemyError as e:
-            raise StoreError(f"beam store: {type(e).__name__}: {e}") from e
-
-    def __repr__(self) -> str:
-        return f"BeamStore({self._engine.url.render_as_string(hide_password=True)!r})"
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as e:
-            msg = e.args[0] if e.args else ""
-            raise StoreError(f"beam store: {type(e).__name__}: {msg}") from e
+        super().__init__(url_or_path, metadata, synchronous="NORMAL")
 
     def insert(self, rec: BeamRecord) -> None:
-        with self._tx() as conn:
+        with self.tx() as conn:
             conn.execute(insert(beams).values(**_row_values(rec)))
 
     def save(self, rec: BeamRecord) -> None:
         """Write every column of ``rec`` over its row."""
         values = _row_values(rec)
         del values["id"]
-        with self._tx() as conn:
+        with self.tx() as conn:
             conn.execute(update(beams).where(beams.c.id == rec.id).values(**values))
 
     def get(self, beam_id: str) -> BeamRecord | None:
-        with self._tx() as conn:
+        with self.read() as conn:
             row = conn.execute(select(beams).where(beams.c.id == beam_id)).first()
         return None if row is None else _from_row(row)
 
@@ -212,9 +184,9 @@ class BeamStore:
             q = q.where(beams.c.state.in_(list(states)))
         if visible_to is not None:
             q = q.where(beams.c.creator.in_(list(visible_to)))
-        with self._tx() as conn:
+        with self.read() as conn:
             return [_from_row(r) for r in conn.execute(q).all()]
 
     def delete(self, beam_id: str) -> bool:
-        with self._tx() as conn:
+        with self.tx() as conn:
             return conn.execute(delete(beams).where(beams.c.id == beam_id)).rowcount == 1

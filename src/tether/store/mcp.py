@@ -18,8 +18,7 @@ them in a worker thread.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,17 +32,16 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
-    event,
     insert,
     or_,
     select,
     update,
 )
-from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.engine import Row
+from sqlalchemy.exc import IntegrityError
 
 from tether.errors import NotFound, StoreError, TetherError
-from tether.store.db import sqlite_or_url_engine
+from tether.store.tables import SqlTables
 
 __all__ = ["MCPStore", "PinConflict", "PinRecord", "SessionRecord"]
 
@@ -144,20 +142,6 @@ class PinRecord:
         }
 
 
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
-    dbapi_conn.isolation_level = None  # SQLAlchemy's "begin" event issues BEGIN itself
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")
-    cur.execute("PRAGMA busy_timeout=5000")
-    cur.close()
-
-
-def _sqlite_begin(conn: Connection) -> None:
-    mode = conn.get_execution_options().get("tether_begin", "IMMEDIATE")
-    conn.exec_driver_sql(f"BEGIN {mode}")
-
-
 def _json(text: str | None) -> dict[str, Any] | None:
     return None if text is None else dict(json.loads(text))
 
@@ -199,51 +183,20 @@ def _pin(row: Row[Any]) -> PinRecord:
     )
 
 
-class MCPStore:
+class MCPStore(SqlTables):
     """MCP sessions and tool pins. Safe to share between threads and processes."""
 
+    label = "mcp store"
+
     def __init__(self, url_or_path: str | Path) -> None:
-        self.url, self._engine = sqlite_or_url_engine(url_or_path, _sqlite_connect)
-        if self._engine.dialect.name == "sqlite":
-            event.listen(self._engine, "begin", _sqlite_begin)
-        try:
-            with self._engine.begin() as conn:
-                metadata.create_all(conn)
-        except SQLAlchemyError as e:
-            raise StoreError(f"mcp store: {type(e).__name__}") from e
-
-    def __repr__(self) -> str:
-        return f"MCPStore({self._engine.url.render_as_string(hide_password=True)!r})"
-
-    def close(self) -> None:
-        self._engine.dispose()
-
-    @contextmanager
-    def _tx(self) -> Iterator[Connection]:
-        try:
-            with self._engine.begin() as conn:
-                yield conn
-        except SQLAlchemyError as e:
-            msg = e.args[0] if e.args else ""
-            raise StoreError(f"mcp store: {type(e).__name__}: {msg}") from e
-
-    @contextmanager
-    def _read(self) -> Iterator[Connection]:
-        try:
-            with self._engine.connect() as conn:
-                conn.execution_options(tether_begin="DEFERRED")
-                with conn.begin():
-                    yield conn
-        except SQLAlchemyError as e:
-            msg = e.args[0] if e.args else ""
-            raise StoreError(f"mcp store: {type(e).__name__}: {msg}") from e
+        super().__init__(url_or_path, metadata)
 
     # -- sessions ---------------------------------------------------------------------------
 
     def create_session(self, rec: SessionRecord, now_ms: int) -> None:
         """Insert ``rec``; drop sessions that expired before ``now_ms`` (ended ones stay
         until then, so every process keeps refusing them)."""
-        with self._tx() as conn:
+        with self.tx() as conn:
             conn.execute(delete(sessions).where(sessions.c.expires_ms <= now_ms))
             conn.execute(
                 insert(sessions).values(
@@ -262,14 +215,14 @@ class MCPStore:
             )
 
     def get_session(self, session_id: str) -> SessionRecord | None:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(select(sessions).where(sessions.c.id == session_id)).first()
         return None if row is None else _session(row)
 
     def set_upstream_session(self, session_id: str, old: str | None, new: str | None) -> str | None:
         """Replace the upstream session id ``old`` by ``new``; returns the value now stored
         (``new``, or what another process stored first)."""
-        with self._tx() as conn:
+        with self.tx() as conn:
             cond = (
                 sessions.c.upstream_session.is_(None)
                 if old is None
@@ -288,7 +241,7 @@ class MCPStore:
         return None if row is None else row[0]
 
     def end_session(self, session_id: str, now_ms: int) -> bool:
-        with self._tx() as conn:
+        with self.tx() as conn:
             res = conn.execute(
                 update(sessions)
                 .where(sessions.c.id == session_id, sessions.c.ended_ms.is_(None))
@@ -299,12 +252,12 @@ class MCPStore:
     # -- pins -------------------------------------------------------------------------------
 
     def pins_of(self, server: str) -> dict[str, PinRecord]:
-        with self._read() as conn:
+        with self.read() as conn:
             rows = conn.execute(select(pins).where(pins.c.server == server)).all()
         return {r.tool: _pin(r) for r in rows}
 
     def get_pin(self, server: str, tool: str) -> PinRecord | None:
-        with self._read() as conn:
+        with self.read() as conn:
             row = conn.execute(
                 select(pins).where(pins.c.server == server, pins.c.tool == tool)
             ).first()
@@ -314,7 +267,7 @@ class MCPStore:
         q = select(pins).order_by(pins.c.server, pins.c.tool)
         if server is not None:
             q = q.where(pins.c.server == server)
-        with self._read() as conn:
+        with self.read() as conn:
             return [_pin(r) for r in conn.execute(q).all()]
 
     def add_pin(
@@ -342,7 +295,7 @@ class MCPStore:
                 pending_sha256=sha256, pending_definition=_dumps(definition), pending_ms=now_ms
             )
         try:
-            with self._tx() as conn:
+            with self.tx() as conn:
                 conn.execute(insert(pins).values(**values))
         except StoreError as e:
             if isinstance(e.__cause__, IntegrityError):
@@ -352,7 +305,7 @@ class MCPStore:
 
     def drop_pin(self, server: str, tool: str, sha256: str) -> None:
         """Undo :meth:`add_pin` (its record failed): only a row still holding ``sha256``."""
-        with self._tx() as conn:
+        with self.tx() as conn:
             conn.execute(
                 delete(pins).where(
                     pins.c.server == server,
@@ -366,7 +319,7 @@ class MCPStore:
     ) -> bool:
         """Remember a definition that differs from the approved one. True only for the first
         caller to report this hash (so one process records the change)."""
-        with self._tx() as conn:
+        with self.tx() as conn:
             res = conn.execute(
                 update(pins)
                 .where(
@@ -385,7 +338,7 @@ class MCPStore:
 
     def unmark_changed(self, server: str, tool: str, sha256: str) -> None:
         """Undo :meth:`mark_changed` (its record failed), so the next sighting retries."""
-        with self._tx() as conn:
+        with self.tx() as conn:
             conn.execute(
                 update(pins)
                 .where(
@@ -409,7 +362,7 @@ class MCPStore:
         """Approve the pending definition of ``server``/``tool`` (only ``sha256``, when
         given). ``record`` runs inside the transaction, before the commit: if it raises,
         nothing changes (fail closed)."""
-        with self._tx() as conn:
+        with self.tx() as conn:
             row = conn.execute(
                 select(pins).where(pins.c.server == server, pins.c.tool == tool)
             ).first()
