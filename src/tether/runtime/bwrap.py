@@ -289,7 +289,8 @@ class BwrapBackend:
                 f.chmod(0o644)
             args += ["--ro-bind", str(f), f"/etc/{name}"]
         for prefix in _python_roots():
-            args += ["--ro-bind", prefix, prefix]
+            if not _under_beam_tmpfs(prefix):  # those are bound after the tmpfs (start)
+                args += ["--ro-bind", prefix, prefix]
         self.forwarder = _compiled(self.forwarder_source, private_dir(self.state_dir) / ".init")
         args += ["--proc", "/proc", "--remount-ro", "/proc", "--dev", "/dev"]
         self._base = args
@@ -345,6 +346,9 @@ class BwrapBackend:
             if spec.limits.memory_bytes is not None and "--size" in self._options:
                 args[-2:-2] = ["--size", str(spec.limits.memory_bytes)]
             args += ["--bind", str(workspace), WORKSPACE, "--tmpfs", "/run"]
+            for prefix in _python_roots():  # an interpreter under /tmp (a CI checkout, say)
+                if _under_beam_tmpfs(prefix):  # would be hidden by the beam's own /tmp
+                    args += ["--ro-bind", prefix, prefix]
             for name, data in sorted(spec.files.items()):
                 fd = _memfd(f"file-{name}", data)
                 closing.append(fd)
@@ -698,6 +702,11 @@ def _python_roots() -> list[str]:
     return [
         r for r in roots if not any(r != o and r.startswith(o.rstrip("/") + "/") for o in roots)
     ]
+
+
+def _under_beam_tmpfs(path: str) -> bool:
+    """Is ``path`` where the beam mounts a fresh tmpfs (its own /tmp and /run)?"""
+    return any(path == top or path.startswith(top + "/") for top in ("/tmp", "/run"))  # noqa: S108
 
 
 def _compiled(source: str, into: Path) -> str:
