@@ -808,19 +808,6 @@ class PolicyEngine:
         }
         return request, entities, key
 
-    def _evaluate(
-        self,
-        policy_set: cedarpy.PolicySet,
-        action: Action,
-        groups: frozenset[str],
-        granted: bool | None,
-    ) -> dict[str, Any]:
-        request, entities = self._request(action, groups, granted)
-        out: dict[str, Any] = orjson.loads(
-            _cedar.is_authorized(request, policy_set, entities, None, False)
-        )
-        return out
-
     def _verdict(self, loaded: LoadedPolicies, action: Action, response: dict[str, Any]) -> Verdict:
         diag = response.get("diagnostics") or {}
         by_id = loaded.by_cedar_id

@@ -23,6 +23,7 @@ import aiohttp
 import yarl
 
 from tether.gateways.http.config import HTTPSettings, Service
+from tether.gateways.pool import shared_session
 
 __all__ = ["Upstreams"]
 
@@ -51,13 +52,8 @@ class Upstreams:
             keepalive_timeout=30.0,
             ttl_dns_cache=60,
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=_SKIP_AUTO,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            raise_for_status=False,
+        self._session = shared_session(
+            connector, auto_decompress=False, skip_auto_headers=_SKIP_AUTO
         )
         return self._session
 

@@ -24,6 +24,7 @@ import httpx
 
 from tether.gateways.llm.config import LLMSettings, Provider
 from tether.gateways.llm.protocol import Api
+from tether.gateways.pool import shared_session
 
 __all__ = [
     "UpstreamClient",
@@ -210,9 +211,8 @@ def _failed(e: BaseException) -> UpstreamFailed:
 
 
 class _AiohttpClient:
-    """A network upstream: one aiohttp session with a keep-alive pool. No cookie jar (an
-    upstream's cookies must never follow one agent's call into another's), no redirects, no
-    proxy from the environment."""
+    """A network upstream: one aiohttp session with a keep-alive pool, shared by every agent
+    (see :func:`tether.gateways.pool.shared_session`); no redirects followed."""
 
     def __init__(self, base: str, settings: LLMSettings) -> None:
         self._base = base.rstrip("/")
@@ -222,16 +222,11 @@ class _AiohttpClient:
     def _open(self) -> aiohttp.ClientSession:
         # Built on first use: a session binds the running event loop.
         s = self._settings
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=s.max_connections, limit_per_host=0, keepalive_timeout=30.0
-            ),
+        self._session = shared_session(
+            aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=s.connect_timeout, sock_read=s.read_timeout
             ),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            skip_auto_headers=("User-Agent",),
         )
         return self._session
 
