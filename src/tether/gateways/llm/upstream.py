@@ -1,9 +1,11 @@
 """Upstream clients: one pooled keep-alive client per provider.
 
-Network upstreams use ``aiohttp`` (measured here at c=64 against a local upstream: 5,450
-calls/s and 0.24 ms per keep-alive call, against httpx's 560 calls/s and 0.85 ms: httpcore's
-pool rescans every connection on each request). ``httpx`` transports remain for in-process
-upstreams: the bundled scripted model and the fakes tests inject.
+Network upstreams use :mod:`tether.gateways.h1`, a lean HTTP/1.1 client on asyncio +
+httptools (aiohttp's client path took ~27% of the gateway's event loop at c=64; httpx's pool
+collapsed at 64 connections). It never sends a request twice: an LLM call costs money, so a
+connection that fails once the request went out is an error, not a retry (see ``h1``).
+``httpx`` transports remain for in-process upstreams: the bundled scripted model and the fakes
+tests inject.
 
 Keys are injected here, after the decision, from :class:`~tether.gateways.llm.config.Secret`;
 nothing the agent sent in a header is forwarded except the Anthropic version / beta headers.
@@ -19,12 +21,11 @@ import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Protocol
 
-import aiohttp
 import httpx
 
+from tether.gateways.h1 import HttpClient, UpstreamFailed, UpstreamTimeout
 from tether.gateways.llm.config import LLMSettings, Provider
 from tether.gateways.llm.protocol import Api
-from tether.gateways.pool import shared_session
 
 __all__ = [
     "UpstreamClient",
@@ -39,6 +40,8 @@ ASGIApp = Callable[..., Any]
 _PATH = {"chat": "/chat/completions", "responses": "/responses", "messages": "/v1/messages"}
 ANTHROPIC_VERSION = "2023-06-01"
 CLOSE_GRACE = 2.0
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a whole (non-streamed) upstream answer
+IDLE_TIMEOUT = 30.0  # a pooled upstream connection idle longer than this is not reused
 
 
 def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBaseTransport:
@@ -144,15 +147,6 @@ def streaming_asgi_transport(app: ASGIApp, http: Any = httpx) -> httpx.AsyncBase
     return transport
 
 
-class UpstreamFailed(Exception):
-    """The upstream could not be reached or broke the connection (the library's error is the
-    ``__cause__``; its text never reaches the agent)."""
-
-
-class UpstreamTimeout(UpstreamFailed):
-    """Connecting to or reading from the upstream took longer than its timeout."""
-
-
 class UpstreamResponse(Protocol):
     status_code: int
 
@@ -174,85 +168,37 @@ class UpstreamClient(Protocol):
     async def aclose(self) -> None: ...
 
 
-class _AiohttpResponse:
-    __slots__ = ("_body", "_resp", "status_code")
-
-    def __init__(self, resp: aiohttp.ClientResponse, body: bytes | None) -> None:
-        self._resp = resp
-        self._body = body
-        self.status_code = resp.status
-
-    async def aread(self) -> bytes:
-        if self._body is None:
-            try:
-                self._body = await self._resp.read()
-            except (TimeoutError, aiohttp.ClientError) as e:
-                raise _failed(e) from e
-        return self._body
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        if self._body is not None:
-            yield self._body
-            return
-        try:
-            async for chunk in self._resp.content.iter_any():
-                yield chunk
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise _failed(e) from e
-
-    async def aclose(self) -> None:
-        self._resp.release() if self._resp.content.at_eof() else self._resp.close()
-
-
-def _failed(e: BaseException) -> UpstreamFailed:
-    if isinstance(e, TimeoutError):  # aiohttp's timeouts subclass it
-        return UpstreamTimeout(type(e).__name__)
-    return UpstreamFailed(type(e).__name__)
-
-
-class _AiohttpClient:
-    """A network upstream: one aiohttp session with a keep-alive pool, shared by every agent
-    (see :func:`tether.gateways.pool.shared_session`); no redirects followed."""
+class _H1Client:
+    """A network upstream: one :class:`~tether.gateways.h1.HttpClient` pool per provider,
+    shared by every agent (no cookies, nothing from the environment, no redirects)."""
 
     def __init__(self, base: str, settings: LLMSettings) -> None:
         self._base = base.rstrip("/")
-        self._settings = settings
-        self._session: aiohttp.ClientSession | None = None
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Built on first use: a session binds the running event loop.
-        s = self._settings
-        self._session = shared_session(
-            aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0, keepalive_timeout=30.0),
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=s.connect_timeout, sock_read=s.read_timeout
-            ),
+        self._client = HttpClient(
+            max_connections=settings.max_connections,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.read_timeout,
+            idle_timeout=IDLE_TIMEOUT,
+            max_response_bytes=MAX_RESPONSE_BYTES,
         )
-        return self._session
+
+    def __repr__(self) -> str:
+        return f"_H1Client({self._base!r})"
 
     async def post(
         self, path: str, body: bytes, headers: Mapping[str, str], *, stream: bool = False
     ) -> UpstreamResponse:
-        session = self._session or self._open()
-        try:
-            resp = await session.post(
-                self._base + path, data=body, headers=dict(headers), allow_redirects=False
-            )
-        except (TimeoutError, aiohttp.ClientError) as e:
-            raise _failed(e) from e
-        if stream:
-            return _AiohttpResponse(resp, None)
-        try:
-            content = await resp.read()
-        except (TimeoutError, aiohttp.ClientError) as e:
-            resp.close()
-            raise _failed(e) from e
-        resp.release()
-        return _AiohttpResponse(resp, content)
+        resp = await self._client.request("POST", self._base + path, headers=headers, body=body)
+        if not stream:
+            try:
+                await resp.aread()
+            except BaseException:
+                await resp.aclose()
+                raise
+        return resp
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._client.aclose()
 
 
 class _HttpxResponse:
@@ -331,7 +277,7 @@ class Upstreams:
             if transport is not None:
                 self._clients[name] = _HttpxClient(transport, settings)
             else:
-                self._clients[name] = _AiohttpClient(p.base_url or "", settings)
+                self._clients[name] = _H1Client(p.base_url or "", settings)
 
     def _scripted(self) -> ASGIApp:
         if self.scripted_app is None:
