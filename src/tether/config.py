@@ -47,6 +47,10 @@ DEFAULT_MAX_CHAIN_DEPTH = 4
 DEFAULT_X509_TTL = 3600.0
 DEFAULT_MAX_BODY_BYTES = 64 * 1024
 DEFAULT_CHECKPOINT_INTERVAL = 0.25
+# "interval": acknowledged = in the OS (survives any crash of Tether), fsynced before every
+# signed checkpoint; "commit": an fsync per commit. See tether.audit.log and docs/audit.md.
+DEFAULT_AUDIT_SYNC = "interval"
+AUDIT_SYNC_MODES = ("commit", "interval")
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -98,6 +102,14 @@ def validate_trust_domain(td: str) -> str:
     return td
 
 
+def _audit_sync(value: Any) -> str:
+    if value not in AUDIT_SYNC_MODES:
+        raise ConfigError(
+            f"[audit] sync must be one of {', '.join(map(repr, AUDIT_SYNC_MODES))}, not {value!r}"
+        )
+    return str(value)
+
+
 @dataclass
 class Config:
     trust_domain: str
@@ -110,6 +122,7 @@ class Config:
     x509_ttl: float = DEFAULT_X509_TTL
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     checkpoint_interval: float = DEFAULT_CHECKPOINT_INTERVAL
+    audit_sync: str = DEFAULT_AUDIT_SYNC
     admin_user: str = "admin"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -137,6 +150,7 @@ class Config:
                 checkpoint_interval=parse_duration(
                     audit.get("checkpoint_interval", DEFAULT_CHECKPOINT_INTERVAL)
                 ),
+                audit_sync=_audit_sync(audit.get("sync", DEFAULT_AUDIT_SYNC)),
                 admin_user=str(data.get("admin_user", "admin")),
                 extra={k: v for k, v in data.items() if k not in _KNOWN_SECTIONS},
             )
@@ -158,7 +172,10 @@ class Config:
                 "max_chain_depth": self.max_chain_depth,
                 "x509_ttl": f"{int(self.x509_ttl)}s",
             },
-            "audit": {"checkpoint_interval": f"{int(self.checkpoint_interval * 1000)}ms"},
+            "audit": {
+                "checkpoint_interval": f"{int(self.checkpoint_interval * 1000)}ms",
+                "sync": self.audit_sync,
+            },
             **self.extra,
         }
 

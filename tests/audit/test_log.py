@@ -45,9 +45,12 @@ def db(tmp_path: Path) -> Path:
     return tmp_path / "audit.db"
 
 
-@pytest.fixture
-def audit(db: Path, signer: NoteSigner) -> Iterator[AuditLog]:
-    with AuditLog(db, signer, ORIGIN, clock=ManualClock(), checkpoint_interval=0.05) as log:
+@pytest.fixture(params=["commit", "interval"])
+def audit(db: Path, signer: NoteSigner, request: pytest.FixtureRequest) -> Iterator[AuditLog]:
+    """Every test of the writer runs in both sync modes: same entries, same guarantees."""
+    with AuditLog(
+        db, signer, ORIGIN, clock=ManualClock(), checkpoint_interval=0.05, sync=request.param
+    ) as log:
         yield log
 
 

@@ -22,9 +22,19 @@ SHA-256 in ``bodies``, and referenced from the leaf by that digest.
 
 **Durability.** ``record`` queues the event and waits. One writer thread takes everything queued,
 appends it to the tree and writes entries, bodies and every newly completed tree node in one
-transaction (WAL, ``synchronous=FULL``: the commit is an fsync), then acknowledges the whole
-batch. If the commit fails, every waiter gets :class:`~tether.errors.RecordFailed` and the
-writer reloads the tree from what is actually committed.
+WAL transaction, then acknowledges the whole batch. If the commit fails, every waiter gets
+:class:`~tether.errors.RecordFailed` and the writer reloads the tree from what is actually
+committed. ``sync`` says when the disk is forced:
+
+* ``"commit"``: every commit is an fsync (``synchronous=FULL``); an acknowledged event survives
+  a power loss. Costs ~0.3-0.5 ms per commit here, on the path of every must-wait record.
+* ``"interval"``: commits go to the WAL in the OS (``synchronous=NORMAL``): an acknowledged event
+  survives any crash of the process (kill -9, OOM) at once, and the writer fsyncs the WAL before
+  it signs each checkpoint, so at most one ``checkpoint_interval`` of acknowledged events can be
+  lost to a power loss or kernel crash, and never one a signed checkpoint covers (a published
+  checkpoint is never rolled back). A failed fsync stops the writer: from then on every record
+  fails, so every action is refused (fail closed). PostgreSQL's ``synchronous_commit = off`` and
+  auditd's default ``flush = incremental_async`` make the same trade.
 
 **Checkpoints.** The same thread signs a C2SP tlog checkpoint whenever the tree has grown and
 ``checkpoint_interval`` has passed since the last one, and keeps every checkpoint. One thread
@@ -51,6 +61,7 @@ import contextlib
 import hashlib
 import logging
 import math
+import os
 import re
 import sqlite3
 import threading
@@ -95,15 +106,18 @@ from tether.errors import (
 )
 from tether.events import Event, Receipt
 
-__all__ = ["ENTRY_VERSION", "AuditLog", "VerifyReport", "node_id"]
+__all__ = ["ENTRY_VERSION", "SYNC_MODES", "AuditLog", "SyncMode", "VerifyReport", "node_id"]
 
 log = logging.getLogger("tether.audit")
 
 ENTRY_VERSION = 1
+SyncMode = Literal["commit", "interval"]
+SYNC_MODES: tuple[SyncMode, ...] = ("commit", "interval")
 SCHEMA_VERSION = 1
 DEFAULT_BUSY_TIMEOUT = 5.0
 LINGER = 0.001  # group commit: longest wait for the last batch's callers to queue again
 LINGER_MIN = 8  # ... and only after a batch this big: a few callers must never wait for it
+LAZY_DELAY = 0.002  # a lazy event waits at most this long for a non-lazy one to share its commit
 MAX_SEARCH_LIMIT = 10_000
 _MAX_DEPTH = 64
 _ORJSON_JCS = orjson.OPT_SORT_KEYS | orjson.OPT_STRICT_INTEGER
@@ -350,7 +364,8 @@ class _Slot:
 
 
 _Waiter = _Slot | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Receipt]"]
-_Queued = tuple[Event, int, _Waiter]  # (event, time_ms when recorded, who waits)
+# (the event, or it prepared by an async caller; time_ms when recorded; who waits)
+_Queued = tuple["Event | _Item", int, _Waiter]
 
 
 class _Batch:
@@ -380,7 +395,14 @@ class _Batch:
                 waiter.lock.release()
             else:
                 by_loop.setdefault(waiter[0], []).append((waiter[1], result))
+        try:
+            here: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
         for loop, futs in by_loop.items():  # one wake-up per event loop per batch
+            if loop is here:  # committed on this very loop (sync = "interval")
+                _settle_futures(futs)
+                continue
             # A closed loop has nobody waiting any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle_futures, futs)
@@ -438,9 +460,13 @@ class AuditLog:
         clock: Clock | None = None,
         checkpoint_interval: float = 0.25,
         busy_timeout: float = DEFAULT_BUSY_TIMEOUT,
+        sync: SyncMode = "commit",
     ) -> None:
         if checkpoint_interval <= 0:
             raise ConfigError("checkpoint_interval must be positive")
+        if sync not in SYNC_MODES:
+            raise ConfigError(f"audit sync must be one of {', '.join(SYNC_MODES)}, not {sync!r}")
+        self.sync: SyncMode = sync
         self.path = Path(path)
         self.origin = origin
         self._signer: NoteSigner | None = signer
@@ -459,6 +485,11 @@ class AuditLog:
         self._queue: collections.deque[_Queued] = collections.deque()
         self._wake = threading.Event()
         self._idle = False  # the writer is (about to be) blocked on _wake
+        # Non-lazy events queued so far (bumped after the append) and the count the writer had
+        # seen when it last drained the queue: a difference means someone is waiting.
+        self._urgent = 0
+        self._urgent_seen = 0
+        self._lazy_armed = False  # the writer's wait is already bounded for queued lazy events
         self._expect = 0  # events the last batch had: how many to linger for
         self._stopped = False  # the writer has exited: nothing queued will be taken
         self._indexer: threading.Thread | None = None
@@ -468,6 +499,12 @@ class AuditLog:
         self._closed = False
         self._thread: threading.Thread | None = None
         self._inflight: _Batch | None = None
+        # One commit at a time, whether the writer thread or an event loop makes it (sync =
+        # "interval": async callers commit on their own loop, see submit).
+        self._commit_lock = threading.Lock()
+        self._pending: collections.deque[_Queued] = collections.deque()
+        self._flush_soon = False  # a loop has a flush of _pending scheduled for this turn
+        self._flush_later = False  # ... or one LAZY_DELAY from now (lazy events only)
         self._conn: sqlite3.Connection | None = None
         self._tree = TreeBuilder()
         self._head: tuple[int, bytes] = (0, EMPTY_ROOT)  # committed (size, root)
@@ -495,6 +532,7 @@ class AuditLog:
         self._interval = 1.0
         self._busy_timeout = DEFAULT_BUSY_TIMEOUT
         self._readonly = True
+        self.sync = "commit"
         self._local = threading.local()
         self._readers = []
         self._readers_lock = threading.Lock()
@@ -502,6 +540,11 @@ class AuditLog:
         self._queue = collections.deque()
         self._wake = threading.Event()
         self._idle = False
+        self._urgent = self._urgent_seen = 0
+        self._lazy_armed = False
+        self._commit_lock = threading.Lock()
+        self._pending = collections.deque()
+        self._flush_soon = self._flush_later = False
         self._expect = 0
         self._stopped = True
         self._indexer = None
@@ -568,6 +611,7 @@ class AuditLog:
             if self._closed:
                 return
             self._closing = True
+        self._flush_pending()  # what async callers queued this turn is committed, not dropped
         self._wake.set()
         if self._thread is not None:
             self._thread.join()
@@ -610,7 +654,7 @@ class AuditLog:
                 timeout=self._busy_timeout,
             )
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA synchronous={'FULL' if self.sync == 'commit' else 'NORMAL'}")
             # Appends touch only the right edge of each B-tree: a small cache keeps memory flat
             # as the log grows (64 MiB here once grew a gateway's RSS by as much).
             conn.execute("PRAGMA cache_size=-4096")
@@ -886,7 +930,9 @@ class AuditLog:
 
     # -- recording -----------------------------------------------------------------------------
 
-    def _enqueue(self, event: Event, waiter: _Waiter) -> None:
+    def _enqueue(
+        self, event: Event | _Item, waiter: _Waiter, lazy: bool = False, time_ms: int | None = None
+    ) -> None:
         # Callers only queue: redaction and canonicalisation run on the writer thread, so a
         # crowd of recording threads competes for the GIL in short slices and the writer
         # (which must hold it to build each batch) is not starved. Measured in bench_audit.
@@ -894,11 +940,20 @@ class AuditLog:
             raise RecordFailed("this audit log is open read-only")
         if self._closing or not self._started:
             raise RecordFailed("the audit log is not running")
-        self._queue.append((event, _now_ms(self._clock), waiter))
+        self._queue.append((event, _now_ms(self._clock) if time_ms is None else time_ms, waiter))
         # Pairs with _next_batch: it sets _idle, then looks at the queue; we append, then look
         # at _idle. Under the GIL one of the two sees the other, so no event is left unseen.
-        if self._idle:
-            self._wake.set()
+        if lazy:
+            # Nobody waits on it: do not wake the writer for it alone, unless the writer is
+            # asleep with no deadline (it then bounds its wait by LAZY_DELAY).
+            if self._idle and not self._lazy_armed:
+                self._wake.set()
+        else:
+            # After the append: the writer reads it before draining. Not atomic across threads;
+            # a lost bump at worst leaves an event to the LAZY_DELAY bound, never unseen.
+            self._urgent += 1
+            if self._idle:
+                self._wake.set()
         if self._stopped:  # the writer is gone; fail whatever it did not take, ours included
             self._fail_queued(RecordFailed("the audit log is not running"))
 
@@ -924,10 +979,76 @@ class AuditLog:
     async def arecord(self, event: Event) -> Receipt:
         """The same for async callers: waits on a future the writer resolves, never blocking
         the loop on disk."""
+        return await self.submit(event)
+
+    def submit(self, event: Event, *, lazy: bool = False) -> asyncio.Future[Receipt]:
+        """Start recording ``event`` from the running loop; the future settles once it is
+        durable (or fails with RecordFailed). A plain future: no task per record.
+
+        ``lazy=True`` is for records nobody waits on (a response record after the agent has
+        its response): the writer is not woken for it; it shares the commit of the next
+        non-lazy event, or commits on its own within :data:`LAZY_DELAY`. Without it, a
+        keep-alive caller's next must-wait record queues behind a commit of its own.
+        """
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Receipt] = loop.create_future()
-        self._enqueue(event, (loop, fut))
-        return await fut
+        # Prepared here, on the loop: the writer thread then holds the GIL only briefly per
+        # event, so it does not slow the loop's own socket work (measured in bench_llm).
+        time_ms = _now_ms(self._clock)
+        try:
+            item = _prepare(event, time_ms)
+        except RecordFailed as e:
+            fut.set_exception(e)
+            return fut
+        except Exception as e:  # a hostile Mapping or str subclass: refuse this one event
+            fut.set_exception(RecordFailed(f"event cannot be recorded: {type(e).__name__}"))
+            return fut
+        if self.sync == "interval" and not self._readonly:
+            if self._closing or self._stopped or not self._started:
+                fut.set_exception(RecordFailed("the audit log is not running"))
+                return fut
+            # A commit without fsync costs tens of microseconds: the loop makes it itself,
+            # once per turn for everything queued in that turn, instead of handing it to the
+            # writer thread (a thread hop and a GIL hand-off on every record).
+            self._pending.append((item, time_ms, (loop, fut)))
+            if lazy:
+                if not (self._flush_soon or self._flush_later):
+                    self._flush_later = True
+                    loop.call_later(LAZY_DELAY, self._flush_pending, True)
+            elif not self._flush_soon:
+                self._flush_soon = True
+                loop.call_soon(self._flush_pending, False)
+            return fut
+        try:
+            self._enqueue(item, (loop, fut), lazy, time_ms)
+        except RecordFailed as e:  # not running: the caller learns it from the future
+            if not fut.done():
+                fut.set_exception(e)
+        return fut
+
+    def _flush_pending(self, timer: bool = False) -> None:
+        """Commit everything async callers queued (sync = "interval"), on the calling thread."""
+        # The flag goes down before the queue is drained, so an event queued meanwhile
+        # either is drained here or schedules a flush of its own: none is left behind.
+        if timer:
+            self._flush_later = False
+        else:
+            self._flush_soon = False
+        items: list[_Queued] = []
+        with contextlib.suppress(IndexError):
+            while True:
+                items.append(self._pending.popleft())
+        if not items:
+            return
+        batch = _Batch(items)
+        if self._stopped or self._conn is None:
+            batch.fail(RecordFailed("the audit log is not running"))
+            return
+        with self._commit_lock:
+            idle = self._head[0] == self._cp_size  # the writer may sleep with no deadline
+            self._commit(batch)
+        if idle and self._head[0] != self._cp_size:
+            self._wake.set()  # a checkpoint is now due: let the writer time it
 
     # -- the writer thread ------------------------------------------------------------------------
 
@@ -951,7 +1072,8 @@ class AuditLog:
             if items:
                 batch = _Batch(items)
                 self._inflight = batch
-                self._commit(batch)
+                with self._commit_lock:
+                    self._commit(batch)
                 self._inflight = None
                 self._expect = len(items)
             elif self._closing:
@@ -965,18 +1087,30 @@ class AuditLog:
     def _next_batch(self) -> list[_Queued]:
         """Everything queued, once there is something (or a checkpoint falls due, or close)."""
         queue = self._queue
-        while not queue and not self._closing:
+        lazy_deadline: float | None = None
+        while not self._closing:
             self._wake.clear()
             self._idle = True
             if queue:
-                self._idle = False
-                break
+                if self._urgent != self._urgent_seen:
+                    break  # someone waits
+                if lazy_deadline is None:  # only lazy events: give them a little while
+                    lazy_deadline = time.monotonic() + LAZY_DELAY
+                    self._lazy_armed = True
             timeout = self._checkpoint_wait()
             if timeout is not None and timeout <= 0:
-                self._idle = False
-                return []
+                break  # a checkpoint is due: commit what is queued (if anything) first
+            if lazy_deadline is not None:
+                left = lazy_deadline - time.monotonic()
+                if left <= 0:
+                    break
+                timeout = left if timeout is None else min(timeout, left)
             self._wake.wait(timeout)
-            self._idle = False
+        self._idle = False
+        self._lazy_armed = False
+        self._urgent_seen = self._urgent  # read before draining: nothing counted is left behind
+        if not queue:
+            return []
         self._linger()
         items: list[_Queued] = []
         with contextlib.suppress(IndexError):
@@ -1020,7 +1154,7 @@ class AuditLog:
         offset = 1  # SQL substr() counts from 1
         for event, time_ms, _ in batch.items:
             try:
-                item = _prepare(event, time_ms)
+                item = event if isinstance(event, _Item) else _prepare(event, time_ms)
             except RecordFailed as e:
                 results.append(e)
                 continue
@@ -1107,22 +1241,44 @@ class AuditLog:
             log.error("audit log state could not be reloaded after a failed commit: %s", e)
 
     def _write_checkpoint(self) -> None:
-        size, root = self._head
+        with self._commit_lock:
+            size, root = self._head
         signer = self._signer
         conn = self._conn
         assert signer is not None and conn is not None
+        if self.sync == "interval":
+            # Never sign over entries that are not on disk: a power loss must not roll the log
+            # back behind a checkpoint someone holds. A failure here stops the writer (fail
+            # closed: every later record is refused) rather than sign or go on unsynced.
+            # Outside the lock: loops keep committing while the disk catches up.
+            self._fsync_files()
         note = sign_checkpoint(Checkpoint(self.origin, size, root), signer)
-        try:
-            conn.execute(
-                "INSERT OR REPLACE INTO checkpoints (size, time_ms, note) VALUES (?, ?, ?)",
-                (size, _now_ms(self._clock), note),
-            )
-        except sqlite3.Error as e:
-            log.error("audit checkpoint at size %d could not be stored: %s", size, e)
+        with self._commit_lock:
+            try:
+                conn.execute(
+                    "INSERT OR REPLACE INTO checkpoints (size, time_ms, note) VALUES (?, ?, ?)",
+                    (size, _now_ms(self._clock), note),
+                )
+            except sqlite3.Error as e:
+                log.error("audit checkpoint at size %d could not be stored: %s", size, e)
+                self._cp_due = time.monotonic() + self._interval
+                return
+            self._cp_size, self._cp_note = size, note
             self._cp_due = time.monotonic() + self._interval
-            return
-        self._cp_size, self._cp_note = size, note
-        self._cp_due = time.monotonic() + self._interval
+
+    def _fsync_files(self) -> None:
+        """Force the WAL (and the database file) to disk: what ``synchronous=FULL`` would do
+        at each commit, done once per checkpoint. fsync flushes the file, whichever
+        descriptor asks."""
+        for suffix in ("-wal", ""):
+            try:
+                fd = os.open(f"{self.path}{suffix}", os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # no WAL right now: everything is in the database file
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # -- state ---------------------------------------------------------------------------------
 

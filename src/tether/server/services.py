@@ -5,8 +5,9 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from tether.audit.log import AuditLog
+from tether.audit.log import AuditLog, SyncMode
 from tether.audit.note import NoteSigner
 from tether.clock import Clock, SystemClock
 from tether.config import Config, DataDir, validate_trust_domain, write_private
@@ -85,6 +86,7 @@ def _open_audit(dd: DataDir, config: Config, keys: KeySet, clock: Clock | None =
         config.audit_origin,
         clock=clock or SystemClock(),
         checkpoint_interval=config.checkpoint_interval,
+        sync=cast(SyncMode, config.audit_sync),
     )
     log_.start()
     return log_

@@ -596,7 +596,7 @@ class LLMGateway:
                 "reason": f.reason,
             },
         )
-        fut = self._start_record(ev)
+        fut = self._start_record(ev, lazy=True)
         self._background.add(fut)
         fut.add_done_callback(self._recorded)
 
@@ -700,7 +700,7 @@ class LLMGateway:
         # The agent already has the response (fail-closed applied to the request record,
         # which was durable before the first byte went out). Recording the response must not
         # hold the connection: a keep-alive client's next request would queue behind it.
-        fut = self._start_record(dataclasses.replace(ev, type="llm.response"))
+        fut = self._start_record(dataclasses.replace(ev, type="llm.response"), lazy=True)
         self._background.add(fut)
         fut.add_done_callback(self._recorded)
 
@@ -711,11 +711,12 @@ class LLMGateway:
         if e is not None:
             log.error("recording an LLM event in the background failed: %s", type(e).__name__)
 
-    def _start_record(self, ev: Event) -> asyncio.Future[Any]:
-        """Start making ``ev`` durable; the returned future settles when it is (or fails)."""
+    def _start_record(self, ev: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
+        """Start making ``ev`` durable; the returned future settles when it is (or fails).
+        ``lazy`` for records nobody waits on: they ride along with the next commit."""
         submit = getattr(self.audit, "submit", None)
         if submit is not None:  # the audit log: a plain future, no task per record
-            fut: asyncio.Future[Any] = submit(ev)
+            fut: asyncio.Future[Any] = submit(ev, lazy=lazy)
             return fut
         return asyncio.ensure_future(self.audit.arecord(ev))
 
