@@ -267,3 +267,23 @@ def test_sync_setting_round_trips() -> None:
     assert again.audit_sync == "interval"
     strict = Config.from_toml({"trust_domain": "example.org", "audit": {"sync": "commit"}})
     assert strict.to_toml()["audit"]["sync"] == "commit"
+
+
+@pytest.mark.parametrize("sync", MODES)
+def test_wal_is_copied_back_by_the_writer_not_inside_commits(
+    tmp_path: Path, sync: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's automatic WAL checkpoint is off (it would run inside a commit, possibly on a
+    gateway's loop); the writer thread copies the WAL into the database once it is big."""
+    import tether.audit.log as audit_log
+
+    monkeypatch.setattr(audit_log, "WAL_TRIM_BYTES", 64 * 1024)
+    db = tmp_path / "a.db"
+    with AuditLog(db, _signer(), ORIGIN, checkpoint_interval=0.01, sync=sync) as log:  # type: ignore[arg-type]
+        assert log._conn is not None
+        assert log._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (0,)
+        before = db.stat().st_size
+        for i in range(40):
+            log.record(Event(type="big", data={"i": i}, bodies={"b": bytes([65 + i % 26]) * 8192}))
+        _poll(lambda: db.stat().st_size > before + 200 * 1024)
+        assert log.verify().size == 40

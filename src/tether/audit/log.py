@@ -117,6 +117,7 @@ SCHEMA_VERSION = 1
 DEFAULT_BUSY_TIMEOUT = 5.0
 LINGER = 0.001  # group commit: longest wait for the last batch's callers to queue again
 LINGER_MIN = 8  # ... and only after a batch this big: a few callers must never wait for it
+WAL_TRIM_BYTES = 4 << 20  # the writer copies the WAL into the database past this size
 LAZY_DELAY = 0.002  # a lazy event waits at most this long for a non-lazy one to share its commit
 MAX_SEARCH_LIMIT = 10_000
 _MAX_DEPTH = 64
@@ -502,6 +503,7 @@ class AuditLog:
         # One commit at a time, whether the writer thread or an event loop makes it (sync =
         # "interval": async callers commit on their own loop, see submit).
         self._commit_lock = threading.Lock()
+        self._trim_conn: sqlite3.Connection | None = None
         self._pending: collections.deque[_Queued] = collections.deque()
         self._flush_soon = False  # a loop has a flush of _pending scheduled for this turn
         self._flush_later = False  # ... or one LAZY_DELAY from now (lazy events only)
@@ -543,6 +545,7 @@ class AuditLog:
         self._urgent = self._urgent_seen = 0
         self._lazy_armed = False
         self._commit_lock = threading.Lock()
+        self._trim_conn = None
         self._pending = collections.deque()
         self._flush_soon = self._flush_later = False
         self._expect = 0
@@ -619,6 +622,9 @@ class AuditLog:
         if self._indexer is not None:
             self._indexer.join()
         self._closed = True
+        if self._trim_conn is not None:
+            self._trim_conn.close()
+            self._trim_conn = None
         if self._conn is not None:
             # Another process may still be reading; then the WAL stays, which is fine.
             with contextlib.suppress(sqlite3.Error):
@@ -658,6 +664,9 @@ class AuditLog:
             # Appends touch only the right edge of each B-tree: a small cache keeps memory flat
             # as the log grows (64 MiB here once grew a gateway's RSS by as much).
             conn.execute("PRAGMA cache_size=-4096")
+            # No checkpoint of the WAL inside a commit (it copies megabytes and syncs, and a
+            # loop may be the committer): the writer thread runs them, see _trim_wal.
+            conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(_SCHEMA)
             conn.execute(
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('origin', ?), ('schema', ?)",
@@ -1083,6 +1092,7 @@ class AuditLog:
             wait = self._checkpoint_wait()
             if wait is not None and wait <= 0:
                 self._write_checkpoint()
+                self._trim_wal()
 
     def _next_batch(self) -> list[_Queued]:
         """Everything queued, once there is something (or a checkpoint falls due, or close)."""
@@ -1265,6 +1275,24 @@ class AuditLog:
                 return
             self._cp_size, self._cp_note = size, note
             self._cp_due = time.monotonic() + self._interval
+
+    def _trim_wal(self) -> None:
+        """Copy the WAL back into the database once it is big, on the writer thread and its
+        own connection: PASSIVE never blocks a commit (SQLite's automatic checkpoint, off
+        here, would run inside whichever commit crossed the threshold)."""
+        try:
+            if os.stat(f"{self.path}-wal").st_size < WAL_TRIM_BYTES:
+                return
+        except FileNotFoundError:
+            return
+        try:
+            if self._trim_conn is None:
+                self._trim_conn = sqlite3.connect(
+                    self.path, isolation_level=None, check_same_thread=False, timeout=0.1
+                )
+            self._trim_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as e:  # the next checkpoint tries again; commits go on
+            log.warning("audit WAL checkpoint failed: %s", e)
 
     def _fsync_files(self) -> None:
         """Force the WAL (and the database file) to disk: what ``synchronous=FULL`` would do
