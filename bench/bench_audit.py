@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench._table import Result
 from tether.audit import AuditLog
-from tether.audit.log import node_id
+from tether.audit.log import SyncMode, node_id
 from tether.audit.note import NoteSigner, NoteVerifier
 from tether.events import Event
 
@@ -59,8 +59,8 @@ def event(i: int) -> Event:
     )
 
 
-def _log(path: Path, interval: float = 0.25) -> AuditLog:
-    log = AuditLog(path, SIGNER, ORIGIN, checkpoint_interval=interval)
+def _log(path: Path, interval: float = 0.25, sync: SyncMode = "commit") -> AuditLog:
+    log = AuditLog(path, SIGNER, ORIGIN, checkpoint_interval=interval, sync=sync)
     log.start()
     return log
 
@@ -120,9 +120,25 @@ def threads_run(tmp: Path) -> tuple[float, list[float], list[float]]:
     return THREADS * PER_THREAD / elapsed, latencies, delays
 
 
-def async_run(tmp: Path) -> tuple[float, list[float]]:
+def single_run(tmp: Path, sync: SyncMode, n: int = 3000) -> list[float]:
+    """One caller, one record at a time (a gateway at concurrency 1): submit -> durable."""
+    log = _log(tmp / f"one-{sync}-{time.monotonic_ns()}.db", sync=sync)
+    latencies: list[float] = []
+
+    async def main() -> None:
+        for i in range(n):
+            t0 = time.perf_counter()
+            await log.submit(event(i))
+            latencies.append(time.perf_counter() - t0)
+
+    asyncio.run(main())
+    log.close()
+    return sorted(latencies[n // 10 :])
+
+
+def async_run(tmp: Path, sync: SyncMode = "commit") -> tuple[float, list[float]]:
     """``TASKS`` asyncio tasks in one loop call ``arecord`` (the gateway's shape)."""
-    log = _log(tmp / f"async-{time.monotonic_ns()}.db")
+    log = _log(tmp / f"async-{time.monotonic_ns()}.db", sync=sync)
     total = THREADS * PER_THREAD
     per = total // TASKS
     latencies: list[float] = []
@@ -212,6 +228,9 @@ def run() -> list[Result]:
         arate_runs = [async_run(tmp) for _ in range(REPEATS)]
         arate = statistics.median(r[0] for r in arate_runs)
         alat = sorted(arate_runs[[r[0] for r in arate_runs].index(arate)][1])
+        irate = statistics.median(async_run(tmp, "interval")[0] for _ in range(REPEATS))
+        one_commit = single_run(tmp, "commit")
+        one_interval = single_run(tmp, "interval")
         raw_small = statistics.median(raw_sqlite_rate(tmp, THREADS) for _ in range(REPEATS))
         raw_big = statistics.median(raw_sqlite_rate(tmp, 1000) for _ in range(REPEATS))
 
@@ -243,6 +262,27 @@ def run() -> list[Result]:
             ">= 20000",
             base,
             arate >= 20_000,
+        )
+    )
+    results.append(
+        Result(
+            "audit",
+            f"appends/s, {TASKS} asyncio tasks, sync = interval (tether serve's default)",
+            irate,
+            "/s",
+            "",
+            f"sync = commit: {arate:,.0f}/s",
+        )
+    )
+    results.append(
+        Result(
+            "audit",
+            "one record at a time (c=1), submit -> acknowledged p50, sync = interval",
+            p(one_interval, 0.5) * 1000,
+            "ms",
+            "",
+            f"p99 {p(one_interval, 0.99) * 1000:.2f} ms; sync = commit (an fsync each): "
+            f"p50 {p(one_commit, 0.5) * 1000:.2f} ms, p99 {p(one_commit, 0.99) * 1000:.2f} ms",
         )
     )
     results.append(
