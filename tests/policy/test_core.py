@@ -187,3 +187,17 @@ async def test_async_escalation_without_hold_returns_the_pending_request(
     a = Action("tool.call", agent, "db.add_index")
     d = await core.adecide(a, hold=0)
     assert d.outcome == "escalate" and d.approval == "req-1"
+
+
+def test_authorize_is_policy_alone_with_no_side_effect(agent: TokenClaims) -> None:
+    """The view used to filter tool lists: the verdict, but no limit reserved, no approval
+    request opened or consumed."""
+    lim = CountingLimiter(cap=1)
+    desk = Desk()
+    core = DecisionCore(EscalatingAuthorizer(), limiter=lim, approvals=desk)
+    action = Action("tool.call", agent, "db.add_index", arguments={"table": "orders"})
+    desk.granted.add(action.digest())
+    for _ in range(3):
+        assert core.authorize(action).outcome == "escalate"
+    assert lim.used == 0 and desk.opened == [] and action.digest() in desk.granted
+    assert DecisionCore(BrokenAuthorizer()).authorize(action).outcome == "deny"

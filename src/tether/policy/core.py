@@ -136,6 +136,17 @@ class DecisionCore:
         action, groups, verdict = self._authorize(action)
         return self._boundaries(action, groups, verdict, digest)
 
+    def authorize(self, action: Action) -> Verdict:
+        """What policy alone says about ``action`` (JIT grants and groups applied): no group
+        limit is reserved, no approval opened or consumed, nothing recorded. For views that
+        filter (a tool list shows what policy would let the agent call), never to let an
+        action through: that is :meth:`decide`. Never raises: a failing check is a deny."""
+        try:
+            return self._authorize(action)[2]
+        except Exception as e:  # fail closed, like decide
+            d = self._failed(action, "", e)
+            return Verdict("deny", d.reasons, d.policies, d.policy_version)
+
     def _authorize(self, action: Action) -> tuple[Action, frozenset[str], Verdict]:
         """The in-memory part: JIT grants, groups, Cedar."""
         action = self._with_jit(action)
