@@ -33,6 +33,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -258,6 +259,8 @@ class LoadedPolicies:
     ``by_action`` holds, per action type, a pre-parsed set of only the policies whose action
     scope can match it (same decisions as the whole set: a policy whose scope excludes the
     action is never satisfied), so a decision pays only for the policies that concern it.
+    ``slicers`` cut that set further per principal and resource (see :class:`ScopeSlicer`);
+    their caches live and die with this object, so a reload starts them afresh.
     """
 
     policy_set: cedarpy.PolicySet
@@ -266,6 +269,7 @@ class LoadedPolicies:
     by_cedar_id: Mapping[str, PolicyInfo]
     version: str
     sources: tuple[str, ...]
+    slicers: Mapping[str, ScopeSlicer] = field(default_factory=dict)
     _mirror: dict[str, cedarpy.PolicySet] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -303,6 +307,208 @@ def _subset(policy_set: cedarpy.PolicySet, action_type: str, *, flip: bool = Fal
     return cedarpy.PolicySet.from_pst(
         cedarpy.pst.PolicySet(templates={}, static_policies=keep, template_links=())
     )
+
+
+# -- slicing by principal and resource scope ----------------------------------------------
+#
+# Cedar's cost is proportional to the number of policies it is handed (~0.6 us each even when
+# the scope cannot match), so a decision is evaluated on the action's policies minus those
+# whose principal or resource scope cannot match this request's entities. That is exact: a
+# policy's scope is conjoined with its conditions and evaluated first, so a policy whose scope
+# is false is never satisfied and never evaluates a condition (no reason, no error) whatever
+# the context. The scope is decided from facts the engine itself puts in the entity set: the
+# principal's only ancestors are its groups, and the resource's only ancestors are none (or
+# the principal's groups when the resource is the principal itself). A scope the slicer does
+# not understand (a template slot, a newer constraint kind) keeps its policy.
+
+_Uid = tuple[str, str]  # (entity type, entity id), exactly as Cedar compares them
+_SliceKey = tuple[str, str, frozenset[str], str, str]  # ptype, pid, groups, rtype, rid
+
+SLICE_KEY_CACHE_SIZE = 4096
+SLICE_POLICY_BUDGET = 20_000  # policies held in cached sliced sets (~4 KB each in Cedar)
+MIN_DROPPED = 2  # a slice that saves fewer policies than this is not worth a parsed set
+
+
+def _uid(uid: Any) -> _Uid:
+    return str(uid.type), str(uid.id)
+
+
+@dataclass(frozen=True, slots=True)
+class _ScopeIndex:
+    """Which policies' principal (or resource) scope can hold for an entity, by lookups."""
+
+    always: frozenset[str]  # unconstrained, or a scope we do not classify
+    eq: Mapping[_Uid, frozenset[str]]  # ``== uid``
+    in_: Mapping[_Uid, frozenset[str]]  # ``in uid``: the entity is uid or below it
+    is_: Mapping[str, frozenset[str]]  # ``is Type``
+    is_in: Mapping[tuple[str, _Uid], frozenset[str]]  # ``is Type in uid``
+
+    @classmethod
+    def build(cls, scopes: Mapping[str, Any]) -> _ScopeIndex:
+        always: set[str] = set()
+        eq: dict[_Uid, set[str]] = {}
+        in_: dict[_Uid, set[str]] = {}
+        is_: dict[str, set[str]] = {}
+        is_in: dict[tuple[str, _Uid], set[str]] = {}
+        pst = cedarpy.pst
+        for pid, scope in scopes.items():
+            if isinstance(scope, pst.ScopeEq) and isinstance(scope.entity, pst.EntityUid):
+                eq.setdefault(_uid(scope.entity), set()).add(pid)
+            elif isinstance(scope, pst.ScopeIn) and isinstance(scope.entity, pst.EntityUid):
+                in_.setdefault(_uid(scope.entity), set()).add(pid)
+            elif isinstance(scope, pst.ScopeIs):
+                is_.setdefault(str(scope.entity_type), set()).add(pid)
+            elif isinstance(scope, pst.ScopeIsIn) and isinstance(scope.entity, pst.EntityUid):
+                key = (str(scope.entity_type), _uid(scope.entity))
+                is_in.setdefault(key, set()).add(pid)
+            else:  # ScopeAny, a slot, or anything newer: it may match, so it stays
+                always.add(pid)
+
+        def frozen(d: Mapping[Any, set[str]]) -> dict[Any, frozenset[str]]:
+            return {k: frozenset(v) for k, v in d.items()}
+
+        return cls(frozenset(always), frozen(eq), frozen(in_), frozen(is_), frozen(is_in))
+
+    def matching(self, uid: _Uid, ancestors: Iterable[_Uid]) -> set[str]:
+        """The policies whose scope holds for entity ``uid`` with exactly ``ancestors``."""
+        out = set(self.always)
+        none: frozenset[str] = frozenset()
+        etype = uid[0]
+        out |= self.eq.get(uid, none)
+        out |= self.is_.get(etype, none)
+        for a in (uid, *ancestors):  # ``in`` is reflexive
+            out |= self.in_.get(a, none)
+            out |= self.is_in.get((etype, a), none)
+        return out
+
+
+class ScopeSlicer:
+    """One action's policies, cut per (principal, groups, resource) to those whose scopes
+    can match, as a pre-parsed Cedar set.
+
+    Two bounded LRUs: request key -> the ids kept (cheap to compute, from the indexes), and
+    ids kept -> the parsed set (parsing costs ~15 us a policy, so one set serves every
+    request that keeps the same policies, e.g. every agent of a group). A kept-id set is parsed
+    the second time it is needed; the first time, the whole action set decides (same answer),
+    so a one-off principal never pays a parse. Thread-safe: a race builds a set twice, never
+    a wrong one.
+    """
+
+    def __init__(
+        self,
+        whole: cedarpy.PolicySet,
+        templates: Mapping[str, Any],
+        order: Mapping[str, int],
+        *,
+        key_cache_size: int = SLICE_KEY_CACHE_SIZE,
+        policy_budget: int = SLICE_POLICY_BUDGET,
+    ) -> None:
+        self.whole = whole
+        self._templates = dict(templates)
+        self._order = order
+        self._all = frozenset(templates)
+        self._principal = _ScopeIndex.build({k: t.principal for k, t in templates.items()})
+        self._resource = _ScopeIndex.build({k: t.resource for k, t in templates.items()})
+        self._trivial = self._all == self._principal.always & self._resource.always
+        self._keys: OrderedDict[_SliceKey, frozenset[str]] = OrderedDict()
+        self._key_cache_size = key_cache_size
+        self._sets: OrderedDict[frozenset[str], cedarpy.PolicySet] = OrderedDict()
+        self._held = 0
+        self._budget = policy_budget
+        self._seen: set[frozenset[str]] = set()
+        self._lock = threading.Lock()
+        self.built = 0  # parsed slices (for tests and the bench)
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    @property
+    def ids(self) -> frozenset[str]:
+        """Every policy of the action (Cedar ids, ``policyN``)."""
+        return self._all
+
+    @property
+    def held(self) -> int:
+        """Policies held in the cached parsed slices (bounded by the policy budget)."""
+        return self._held
+
+    def kept(self, key: _SliceKey) -> frozenset[str]:
+        """The ids of the policies whose principal and resource scopes can match ``key``."""
+        if self._trivial:
+            return self._all
+        with self._lock:
+            hit = self._keys.get(key)
+            if hit is not None:
+                self._keys.move_to_end(key)
+                return hit
+        ptype, pid, groups, rtype, rid = key
+        principal: _Uid = (ptype, pid)
+        parents = tuple((GROUP_TYPE, g) for g in groups)
+        resource: _Uid = (rtype, rid)
+        # the resource is its own entity with no parents, unless it is the principal
+        r_parents = parents if resource == principal else ()
+        kept = frozenset(
+            self._principal.matching(principal, parents)
+            & self._resource.matching(resource, r_parents)
+        )
+        if len(self._all) - len(kept) < MIN_DROPPED:
+            kept = self._all
+        with self._lock:
+            self._keys[key] = kept
+            if len(self._keys) > self._key_cache_size:
+                self._keys.popitem(last=False)
+        return kept
+
+    def policy_set(self, key: _SliceKey) -> cedarpy.PolicySet:
+        """The parsed set to decide ``key`` with: its slice, or the whole action set."""
+        kept = self.kept(key)
+        if kept is self._all:
+            return self.whole
+        with self._lock:
+            got = self._sets.get(kept)
+            if got is not None:
+                self._sets.move_to_end(kept)
+                return got
+            if kept not in self._seen:  # first sighting: not worth a parse yet
+                if len(self._seen) >= self._key_cache_size:
+                    self._seen.clear()
+                self._seen.add(kept)
+                return self.whole
+        got = self._build(kept)
+        with self._lock:
+            self._seen.discard(kept)
+            if kept not in self._sets:
+                self._sets[kept] = got
+                self._held += len(kept)
+                while self._held > self._budget and len(self._sets) > 1:
+                    _, old = self._sets.popitem(last=False)
+                    self._held -= len(old)
+        return got
+
+    def _build(self, kept: frozenset[str]) -> cedarpy.PolicySet:
+        # in load order, so Cedar reports errors in the order the whole set would
+        ids = sorted(kept, key=self._order.__getitem__)
+        self.built += 1
+        return cedarpy.PolicySet.from_pst(
+            cedarpy.pst.PolicySet(
+                templates={},
+                static_policies={pid: self._templates[pid] for pid in ids},
+                template_links=(),
+            )
+        )
+
+
+def _slicers(policy_set: cedarpy.PolicySet, by_action: Mapping[str, Any]) -> dict[str, ScopeSlicer]:
+    tree = policy_set.to_pst()
+    order = {pid: int(pid.removeprefix("policy")) for pid in tree.static_policies}
+    return {
+        a: ScopeSlicer(
+            whole,
+            {pid: tpl for pid, tpl in tree.static_policies.items() if _applies(tpl.action, a)},
+            order,
+        )
+        for a, whole in by_action.items()
+    }
 
 
 def _quorum_problem(text: str) -> str | None:
@@ -420,6 +626,7 @@ def load_policies(sources: Sequence[PolicySource]) -> LoadedPolicies:
         by_cedar_id,
         h.hexdigest(),
         tuple(s.name for s in sources),
+        _slicers(policy_set, by_action),
     )
 
 
@@ -628,7 +835,7 @@ class PolicyEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._entities = _make_entities_cache(entity_cache_size)
-        self._verdicts: dict[_VerdictKey, Verdict] = {}
+        self._verdicts: OrderedDict[_VerdictKey, Verdict] = OrderedDict()
         self._verdicts_max = entity_cache_size
         self.last_error: PolicyError | None = None
         self.reloads = 0
@@ -717,8 +924,8 @@ class PolicyEngine:
             self.check_for_changes()
         loaded = self._loaded
         try:
-            policy_set = loaded.by_action.get(action.type)
-            if policy_set is None:
+            slicer = loaded.slicers.get(action.type)
+            if slicer is None:
                 raise BadRequest(f"unknown action type {action.type!r}")
             request, entities, key = self._request_keyed(action, groups, granted)
             # A verdict is a pure function of the policy set, the entities (a function of
@@ -735,6 +942,8 @@ class PolicyEngine:
             cached = self._verdicts.get(memo)
             if cached is not None:
                 return cached
+            # only the action's policies whose scopes can match this principal and resource
+            policy_set = slicer.policy_set((key[0], key[1], key[6], key[7], key[8]))
             response: dict[str, Any] = orjson.loads(
                 _cedar.is_authorized(request, policy_set, entities, None, False)
             )
@@ -753,8 +962,10 @@ class PolicyEngine:
     def _remember(self, memo: _VerdictKey, verdict: Verdict) -> None:
         cache = self._verdicts
         if len(cache) >= self._verdicts_max:
-            with contextlib.suppress(RuntimeError, StopIteration, KeyError):  # another thread
-                del cache[next(iter(cache))]  # the oldest entry (dicts keep insertion order)
+            # the oldest entry; O(1), where deleting a plain dict's first key is not (its
+            # iteration skips every slot freed before it)
+            with contextlib.suppress(KeyError):  # another thread emptied it
+                cache.popitem(last=False)
         cache[memo] = verdict
 
     def _request(
