@@ -70,11 +70,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MCP_PREFIX = "/mcp/"
 MAX_PAGES = 50  # upstream tools/list pages followed
 KEEPALIVE = 10.0  # seconds between SSE comments while a call waits for its approval
-# A result record waits at most this long to share the audit log's next commit with the next
-# call's record (one commit per call instead of two). The agent already has the result: the
-# call's own record was durable before the upstream saw it.
-RESULT_FLUSH = 0.05
-RESULT_FLUSH_COUNT = 256
 MAX_UPSTREAM_ERROR_DATA = 8192
 _JSON = (b"content-type", b"application/json")
 _SSE = [
@@ -223,9 +218,9 @@ class MCPGateway:
         self._catalog_locks: dict[str, asyncio.Lock] = {}
         self._up_sessions: dict[str, UpstreamSession] = {}
         self._up_locks: dict[str, asyncio.Lock] = {}
-        self._background: set[asyncio.Task[Any]] = set()
-        self._results: list[Event] = []
-        self._flush: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        # Records nobody waits on (results, passthrough, listings ...), by their event type.
+        self._background: dict[asyncio.Future[Any], str] = {}
         self._rid_prefix = "mcp_" + secrets.token_hex(4)
         self._rids = itertools.count(1)
 
@@ -245,14 +240,38 @@ class MCPGateway:
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
         """Wait for records still being written in the background (tests, shutdown)."""
-        self._flush_results()
-        while self._background:
-            await asyncio.gather(*tuple(self._background), return_exceptions=True)
+        while self._background or self._tasks:
+            await asyncio.gather(*self._background, *self._tasks, return_exceptions=True)
+
+    # -- records --------------------------------------------------------------------------
+
+    def _start_record(self, ev: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
+        """Start making ``ev`` durable; the future settles once it is (or fails). The audit
+        log's ``submit`` gives a plain future (no task); ``lazy`` for records nobody waits
+        on, which then share the next commit instead of taking one of their own."""
+        submit = getattr(self.audit, "submit", None)
+        if submit is not None:
+            fut: asyncio.Future[Any] = submit(ev, lazy=lazy)
+            return fut
+        return asyncio.ensure_future(self.audit.arecord(ev))
+
+    def _record_later(self, ev: Event) -> None:
+        """Record ``ev`` without holding anyone: the agent has its answer already, and for a
+        tool call the call's own record was durable before the upstream saw it. Lazy, so at
+        concurrency 1 the next call's must-wait record does not queue behind its commit."""
+        fut = self._start_record(ev, lazy=True)
+        self._background[fut] = ev.type
+        fut.add_done_callback(self._recorded)
+
+    def _recorded(self, fut: asyncio.Future[Any]) -> None:
+        kind = self._background.pop(fut, "an event")
+        if not fut.cancelled() and (e := fut.exception()) is not None:
+            log.error("recording %s failed: %s", kind, type(e).__name__)
 
     async def aclose(self) -> None:
         await self.drain()
@@ -628,15 +647,13 @@ class MCPGateway:
         self._up_locks.pop(sess.id, None)
         if us is not None:
             self._spawn(self.upstreams[req.server.name].end(us))
-        self._spawn(
-            self._record_quietly(
-                Event(
-                    type="mcp.session.ended",
-                    actor=str(req.claims.subject),
-                    subject=req.server.name,
-                    session=req.claims.task,
-                    data={"server": req.server.name, "mcp_session": sess.id},
-                )
+        self._record_later(
+            Event(
+                type="mcp.session.ended",
+                actor=str(req.claims.subject),
+                subject=req.server.name,
+                session=req.claims.task,
+                data={"server": req.server.name, "mcp_session": sess.id},
             )
         )
         await req.reply.empty(204)
@@ -805,20 +822,18 @@ class MCPGateway:
         for name, why in cat.refused.items():
             hidden[name[:200]] = f"refused: {why}"
         await req.reply.finish(200, rpc.result_bytes(msg.id, {"tools": shown}))
-        self._spawn(
-            self._record_quietly(
-                Event(
-                    type="mcp.tools.listed",
-                    actor=str(claims.subject),
-                    subject=req.server.name,
-                    session=claims.task,
-                    data={
-                        "server": req.server.name,
-                        "mcp_session": sess.id,
-                        "shown": [t["name"] for t in shown],
-                        "hidden": hidden,
-                    },
-                )
+        self._record_later(
+            Event(
+                type="mcp.tools.listed",
+                actor=str(claims.subject),
+                subject=req.server.name,
+                session=claims.task,
+                data={
+                    "server": req.server.name,
+                    "mcp_session": sess.id,
+                    "shown": [t["name"] for t in shown],
+                    "hidden": hidden,
+                },
             )
         )
 
@@ -995,10 +1010,10 @@ class MCPGateway:
             if isinstance(meta, dict):
                 params["_meta"] = meta
             if server.record_first:
-                await self._durable(self._record_call(event))
+                await self._durable(self._start_record(event))
                 answer = await self._upcall(server, sess, "tools/call", params)
             else:
-                record = asyncio.ensure_future(self._record_call(event))
+                record = self._start_record(event)
                 try:
                     answer = await self._upcall(server, sess, "tools/call", params)
                 finally:
@@ -1084,25 +1099,6 @@ class MCPGateway:
         status = "tool_error" if result.get("isError") is True else "ok"
         self._result_record(action, decision, data, status, started, out)
 
-    async def _record_call(self, event: Event) -> None:
-        """Make the call's record durable; results waiting for a commit join it."""
-        if not self._results:
-            await self.audit.arecord(event)
-            return
-        # Scheduled in this order, these run back to back in the loop's next turn: all of
-        # them are queued before the audit writer can take a batch, so one commit serves all.
-        call = asyncio.ensure_future(self.audit.arecord(event))
-        self._flush_results()
-        await call
-
-    def _flush_results(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-        events, self._results = self._results, []
-        for ev in events:
-            self._spawn(self._record_quietly(ev))
-
     def _result_record(
         self,
         action: Action,
@@ -1114,7 +1110,7 @@ class MCPGateway:
         error: str | None = None,
     ) -> None:
         """Record the result without holding the agent's connection (the call's record was
-        durable before the upstream saw it): queued to share the next commit. The action and
+        durable before the upstream saw it): lazy, to share the next commit. The action and
         its decision are in the call's record (same ``request_id``); this one stays small."""
         extra: dict[str, Any] = {
             **data,
@@ -1125,7 +1121,7 @@ class MCPGateway:
         if error:
             extra["error"] = error
         claims = action.principal
-        self._results.append(
+        self._record_later(
             Event(
                 type="tool.result",
                 actor=str(claims.subject),
@@ -1135,10 +1131,6 @@ class MCPGateway:
                 bodies={"response": _cap(body, self.settings.max_recorded_body)} if body else {},
             )
         )
-        if len(self._results) >= RESULT_FLUSH_COUNT:
-            self._flush_results()
-        elif self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(RESULT_FLUSH, self._flush_results)
 
     async def _inspect_call(
         self,
@@ -1231,25 +1223,23 @@ class MCPGateway:
             }
         )
         await req.reply.finish(200, out)
-        self._spawn(
-            self._record_quietly(
-                Event(
-                    type="mcp.passthrough",
-                    actor=str(claims.subject),
-                    subject=req.server.name,
-                    session=claims.task,
-                    data={
-                        "server": req.server.name,
-                        "method": msg.method,
-                        "mcp_session": sess.id,
-                        "status": "upstream_error" if "error" in body else "ok",
-                        "latency_ms": round((time.perf_counter() - started) * 1000, 3),
-                    },
-                    bodies={
-                        "request": _cap(req.body, self.settings.max_recorded_body),
-                        "response": _cap(out, self.settings.max_recorded_body),
-                    },
-                )
+        self._record_later(
+            Event(
+                type="mcp.passthrough",
+                actor=str(claims.subject),
+                subject=req.server.name,
+                session=claims.task,
+                data={
+                    "server": req.server.name,
+                    "method": msg.method,
+                    "mcp_session": sess.id,
+                    "status": "upstream_error" if "error" in body else "ok",
+                    "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+                },
+                bodies={
+                    "request": _cap(req.body, self.settings.max_recorded_body),
+                    "response": _cap(out, self.settings.max_recorded_body),
+                },
             )
         )
 
