@@ -14,8 +14,8 @@ Per request::
          durable before the agent gets a byte; streamed response: the request record durable
          before the first byte
       -> response relayed (small bodies whole; others streamed as they arrive)
-      -> the response record of an unsafe or streamed request (in the background, batched
-         with the next request's group commit) -> group-limit reservation settled
+      -> the response record of an unsafe or streamed request (in the background, lazily:
+         it shares the audit log's next commit) -> group-limit reservation settled
 
 Nothing reaches the upstream before an ``allow``; nothing with a side effect reaches it before
 its record is durable; nothing reaches the agent before the request record is durable. A
@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import logging
 import secrets
 import time
@@ -65,8 +66,6 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # Responses up to this size (by Content-Length) are read whole before the first byte goes out,
 # so an upstream failure while reading them is still a clean JSON error.
 WHOLE_BODY_MAX = 256 * 1024
-# How long a response record may wait to share the next request's group commit.
-RESPONSE_RECORD_DELAY = 0.02
 _RAW_PATH_SAFE = "/!$&'()*+,;=:@-._~%"
 
 
@@ -171,15 +170,15 @@ class HTTPGateway:
         self.audit = audit
         self.upstreams = Upstreams(settings)
         self._background: set[asyncio.Future[Any]] = set()
-        self._pending: list[Event] = []
-        self._flush_timer: asyncio.TimerHandle | None = None
+        # Request ids: unique per process start, a counter after that (no urandom per call).
+        self._rid_prefix = secrets.token_hex(5)
+        self._rid_seq = itertools.count(1)
 
     def __repr__(self) -> str:
         return f"HTTPGateway(services={sorted(self.settings.services)!r})"
 
     async def drain(self) -> None:
-        """Write the response records still pending or being written (tests, shutdown)."""
-        self._flush_responses()
+        """Wait for the response records still being written (tests, shutdown)."""
         while self._background:
             await asyncio.gather(*tuple(self._background), return_exceptions=True)
 
@@ -195,7 +194,7 @@ class HTTPGateway:
                 with contextlib.suppress(Exception):
                     await send({"type": "websocket.close", "code": 1008})
             return
-        rid = "req_" + secrets.token_hex(12)
+        rid = f"req_{self._rid_prefix}{next(self._rid_seq):014x}"
         out = _Out(send)
         try:
             await self._handle(scope, receive, out, rid)
@@ -448,9 +447,14 @@ class HTTPGateway:
                 bodies["response"] = capture.body()
         return doc, bodies
 
-    def _submit(self, ev: Event) -> asyncio.Future[Any]:
-        """Queue ``ev`` now, together with any response records waiting (one group commit)."""
-        self._flush_responses()
+    def _submit(self, ev: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
+        """Start making ``ev`` durable; the future settles once it is (or fails). The audit
+        log's ``submit`` gives a plain future (no task); ``lazy`` for records nobody waits
+        on, which then share the next commit instead of taking one of their own."""
+        submit = getattr(self.audit, "submit", None)
+        if submit is not None:
+            fut: asyncio.Future[Any] = submit(ev, lazy=lazy)
+            return fut
         return asyncio.ensure_future(self.audit.arecord(ev))
 
     async def _durable(self, call: _Call, record: asyncio.Future[Any]) -> None:
@@ -478,8 +482,8 @@ class HTTPGateway:
         """Settle, and record the response of an unsafe or streamed request in the background.
         The agent has the response already (its request record was durable before the upstream
         saw the request, or before the first byte went out), so this must not hold the
-        connection. Response records wait up to ``RESPONSE_RECORD_DELAY`` to share the next
-        request's group commit instead of queueing in front of it. Never raises."""
+        connection. The record is lazy: it shares the audit log's next commit instead of
+        taking one that a keep-alive agent's next request would queue behind. Never raises."""
         try:
             self._settle(call)
             doc, bodies = self._response_doc(call, status, upstream_status, headers, capture, error)
@@ -489,29 +493,16 @@ class HTTPGateway:
                 data={"request_id": call.rid, "service": call.service.name, "response": doc},
                 bodies=bodies,
             )
+            fut = self._submit(dataclasses.replace(ev, type="http.response"), lazy=True)
         except Exception as e:
             log.error("recording an HTTP response failed: %s", type(e).__name__)
             return
-        self._pending.append(dataclasses.replace(ev, type="http.response"))
-        if self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(
-                RESPONSE_RECORD_DELAY, self._flush_responses
-            )
+        self._background.add(fut)
+        fut.add_done_callback(self._recorded)
 
-    def _flush_responses(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        pending, self._pending = self._pending, []
-        for ev in pending:
-            task = asyncio.ensure_future(self._record(ev))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-
-    async def _record(self, ev: Event) -> None:
-        try:
-            await self.audit.arecord(ev)
-        except Exception as e:
+    def _recorded(self, fut: asyncio.Future[Any]) -> None:
+        self._background.discard(fut)
+        if not fut.cancelled() and (e := fut.exception()) is not None:
             log.error("recording an HTTP response failed: %s", type(e).__name__)
 
     def _record_whole(
