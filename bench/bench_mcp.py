@@ -7,11 +7,14 @@ Processes (2 cores: each its own process, so the load generator is not the bottl
   ``python -m bench.bench_mcp upstream PORT``;
 * the gateway: ``python -m bench.bench_mcp gateway HOME PORT UPSTREAM_URL``: a fresh data dir
   (``init_data_dir``), ``[mcp.servers]`` pointing at the upstream, and the server's whole app
-  (FastAPI + the MCP gateway in front, exactly as ``tether serve`` mounts it) on uvicorn, full
-  enforcement (token check, Cedar policy, tool pins, the audit log's durable record before
-  the upstream sees the call). Two servers front the same upstream: ``bench`` (default,
-  ``record_first = true``) and ``bench_overlap`` (``record_first = false``: the record's
-  commit overlaps the upstream call and is awaited before the result is released);
+  (``build_server_app``: FastAPI with every gateway in front) on uvicorn with the settings and
+  event loop ``tether serve`` uses (uvloop when installed), full enforcement (token check,
+  Cedar policy, tool pins, the audit log's durable record before the upstream sees the call).
+  Two servers front the same upstream: ``bench`` (default, ``record_first = true``) and
+  ``bench_overlap`` (``record_first = false``: the record's commit overlaps the upstream call
+  and is awaited before the result is released). A second gateway process, the baseline,
+  is the same with an in-memory recorder instead of the audit log (``... gateway HOME PORT
+  UPSTREAM_URL memory``);
 * the load generator: ``python -m bench.bench_mcp client SPEC``, a raw HTTP/1.1 keep-alive
   client on uvloop (precomputed request bytes with the session id), one process per run.
 
@@ -21,7 +24,8 @@ through one gateway process at concurrency 32.
 
     python -m bench mcp                  # via the runner
     python -m bench.bench_mcp [--quick]  # standalone, prints the table
-    TETHER_BENCH_UVLOOP=1 python -m bench.bench_mcp   # the gateway process on uvloop
+    TETHER_BENCH_AUDIT_SYNC=commit python -m bench.bench_mcp   # [audit] sync (default: the
+                                                               # data dir's default)
 """
 
 from __future__ import annotations
@@ -163,15 +167,15 @@ def upstream_process(port: int) -> int:
 # the gateway (its own process)
 
 
-def gateway_process(home: str, port: int, upstream: str) -> int:
+def gateway_process(home: str, port: int, upstream: str, memory: bool = False) -> int:
     import uvicorn
 
-    from tether.gateways.mcp import build_mcp_gateway, with_mcp_gateway
-    from tether.server.app import create_app
-    from tether.server.services import Services, init_data_dir
+    from tether.events import MemoryRecorder
+    from tether.server.serve import build_server_app
+    from tether.server.services import Services
 
     root = Path(home)
-    init_data_dir(root, "bench.test")
+    _init_home(root)
     with (root / "config.toml").open("a") as f:
         f.write(
             f'\n[mcp.servers.bench]\nurl = "{upstream}"\n'
@@ -183,32 +187,39 @@ def gateway_process(home: str, port: int, upstream: str) -> int:
     token = services.authority.delegate(
         admin, "bench", ["tool:bench.*", "tool:bench_overlap.*"], ttl=7200, task="bench"
     ).token
-    gateway = build_mcp_gateway(services)
-    app = with_mcp_gateway(create_app(services), gateway)
+    app, gateways = build_server_app(services)  # exactly what tether serve runs
+    if memory:  # the baseline: everything but the durable audit write
+        gateways.mcp.audit = MemoryRecorder()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(1024)
-    print(json.dumps({"token": token}), flush=True)
-    server = uvicorn.Server(
-        uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+    print(json.dumps({"token": token, "sync": services.config.audit_sync}), flush=True)
+    config = uvicorn.Config(  # as serve.py configures it
+        app,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+        proxy_headers=False,
     )
+    server = uvicorn.Server(config)
 
     async def run() -> None:
         try:
             await server.serve(sockets=[sock])
         finally:
-            await gateway.aclose()
+            await gateways.aclose()
 
-    with suppress(KeyboardInterrupt):
-        if os.environ.get("TETHER_BENCH_UVLOOP"):  # what serve.py would gain from uvloop
-            import uvloop
-
-            uvloop.run(run())
-        else:  # as tether serve runs today: asyncio.run
-            asyncio.run(run())
-    services.close()
+    try:
+        with (
+            suppress(KeyboardInterrupt),
+            asyncio.Runner(loop_factory=config.get_loop_factory()) as runner,
+        ):
+            runner.run(run())
+    finally:
+        services.close()
     return 0
 
 
@@ -370,33 +381,61 @@ def _initialize(port: int, path: str, token: str | None) -> str:
     raise RuntimeError(f"initialize on {port}{path} failed: {last}")
 
 
+def _init_home(root: Path) -> None:
+    """A fresh data dir; ``[audit] sync`` from TETHER_BENCH_AUDIT_SYNC when that is set."""
+    from tether.config import DataDir
+    from tether.server.services import init_data_dir
+
+    init_data_dir(root, "bench.test")
+    sync = os.environ.get("TETHER_BENCH_AUDIT_SYNC")
+    if sync:
+        config = DataDir(root).load_config()
+        config.audit_sync = sync
+        DataDir(root).write_config(config)
+
+
+def _start_gateway(home: Path, port: int, upstream: str, memory: bool) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "bench.bench_mcp",
+            "gateway",
+            str(home),
+            str(port),
+            upstream,
+            *(["memory"] if memory else []),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _hello(gw: subprocess.Popen[str]) -> dict[str, Any]:
+    assert gw.stdout is not None
+    line = gw.stdout.readline()
+    if not line:
+        raise RuntimeError("the gateway process exited before printing its token")
+    doc: dict[str, Any] = json.loads(line)
+    return doc
+
+
 @contextmanager
-def _processes() -> Iterator[list[Target]]:
-    up_port, gw_port = _free_port(), _free_port()
+def _processes() -> Iterator[tuple[list[Target], str]]:
+    """The upstream, the gateway and its in-memory-recorder twin; the targets (direct,
+    gateway, gateway_overlap, gateway_memory) and the audit log's sync mode."""
+    up_port, gw_port, mem_port = _free_port(), _free_port(), _free_port()
     up = subprocess.Popen(
         [PY, "-m", "bench.bench_mcp", "upstream", str(up_port)], cwd=ROOT, stdout=subprocess.DEVNULL
     )
+    url = f"http://127.0.0.1:{up_port}/mcp"
     with tempfile.TemporaryDirectory(prefix="tether-bench-mcp-") as tmp:
-        gw = subprocess.Popen(
-            [
-                PY,
-                "-m",
-                "bench.bench_mcp",
-                "gateway",
-                str(Path(tmp) / "home"),
-                str(gw_port),
-                f"http://127.0.0.1:{up_port}/mcp",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        gw = _start_gateway(Path(tmp) / "home", gw_port, url, False)
+        mem = _start_gateway(Path(tmp) / "home-memory", mem_port, url, True)
         try:
-            assert gw.stdout is not None
-            line = gw.stdout.readline()
-            if not line:
-                raise RuntimeError("the gateway process exited before printing its token")
-            token = json.loads(line)["token"]
+            hello, mem_hello = _hello(gw), _hello(mem)
+            token, mem_token = hello["token"], mem_hello["token"]
             direct = Target("direct", up_port, "/mcp", _initialize(up_port, "/mcp", None))
             strict = Target(
                 "gateway", gw_port, "/mcp/bench", _initialize(gw_port, "/mcp/bench", token), token
@@ -408,9 +447,17 @@ def _processes() -> Iterator[list[Target]]:
                 _initialize(gw_port, "/mcp/bench_overlap", token),
                 token,
             )
-            yield [direct, strict, overlap]
+            memory = Target(
+                "gateway_memory",
+                mem_port,
+                "/mcp/bench",
+                _initialize(mem_port, "/mcp/bench", mem_token),
+                mem_token,
+            )
+            yield [direct, strict, overlap, memory], str(hello.get("sync", "?"))
         finally:
             _stop(gw)
+            _stop(mem)
             _stop(up)
 
 
@@ -437,11 +484,11 @@ def _audit_alone(n: int) -> float:
     """p50 seconds of one durable audit append at concurrency 1 (an event the size of a
     tools/call record), on a fresh data dir: the floor record_first puts under every call."""
     from tether.events import Event
-    from tether.server.services import Services, init_data_dir
+    from tether.server.services import Services
 
     with tempfile.TemporaryDirectory(prefix="tether-bench-mcp-audit-") as tmp:
         root = Path(tmp) / "home"
-        init_data_dir(root, "bench.test")
+        _init_home(root)
         services = Services(root)
         try:
 
@@ -468,7 +515,7 @@ def _audit_alone(n: int) -> float:
 def measure(plan: Plan, log: Any = print) -> list[Result]:
     figs: dict[str, dict[str, list[float]]] = {}
     audit_p50 = statistics.median(_audit_alone(plan.lat_n // 2) for _ in range(3))
-    with _processes() as targets:
+    with _processes() as (targets, sync):
         for t in targets:
             figs[t.name] = {"p50": [], "p99": [], "rps": []}
         for run in range(plan.runs):
@@ -478,7 +525,7 @@ def measure(plan: Plan, log: Any = print) -> list[Result]:
                 figs[t.name]["p99"].append(out["p99"])
             log(f"  latency run {run + 1}/{plan.runs} done")
         for run in range(plan.tput_runs):
-            for t in targets:
+            for t in targets[:3]:
                 out = _load(t, concurrency=plan.concurrency, seconds=plan.tput_seconds, warmup=5)
                 figs[t.name]["rps"].append(out["rps"])
             log(f"  throughput run {run + 1}/{plan.tput_runs} done")
@@ -493,6 +540,7 @@ def measure(plan: Plan, log: Any = print) -> list[Result]:
 
     us50, us99 = added("gateway", "p50"), added("gateway", "p99")
     ov50, ov99 = added("gateway_overlap", "p50"), added("gateway_overlap", "p99")
+    mem50, mem99 = added("gateway_memory", "p50"), added("gateway_memory", "p99")
     d50, d99 = med("direct", "p50") * 1e3, med("direct", "p99") * 1e3
     note = ("; " + " | ".join(notes)) if notes else ""
     return [
@@ -502,8 +550,9 @@ def measure(plan: Plan, log: Any = print) -> list[Result]:
             us50,
             "us",
             "<= 1,000 us",
-            f"direct {d50:.3f} ms, gateway {med('gateway', 'p50') * 1e3:.3f} ms; one durable "
-            f"audit append alone, c=1: {audit_p50 * 1e3:.3f} ms{note}",
+            f"direct {d50:.3f} ms, gateway {med('gateway', 'p50') * 1e3:.3f} ms; with an "
+            f"in-memory recorder instead of the audit log: +{mem50:,.0f} us; one audit append "
+            f"alone, c=1: {audit_p50 * 1e3:.3f} ms; [audit] sync = {sync}{note}",
             us50 <= 1000,
         ),
         Result(
@@ -512,7 +561,8 @@ def measure(plan: Plan, log: Any = print) -> list[Result]:
             us99,
             "us",
             "",
-            f"direct {d99:.3f} ms, gateway {med('gateway', 'p99') * 1e3:.3f} ms",
+            f"direct {d99:.3f} ms, gateway {med('gateway', 'p99') * 1e3:.3f} ms; in-memory "
+            f"recorder: +{mem99:,.0f} us",
         ),
         Result(
             "mcp",
@@ -545,7 +595,7 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] == "upstream":
         return upstream_process(int(argv[1]))
     if argv and argv[0] == "gateway":
-        return gateway_process(argv[1], int(argv[2]), argv[3])
+        return gateway_process(argv[1], int(argv[2]), argv[3], argv[4:5] == ["memory"])
     if argv and argv[0] == "client":
         return client_process(argv[1])
     ap = argparse.ArgumentParser(prog="python -m bench.bench_mcp")
