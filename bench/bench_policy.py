@@ -47,7 +47,7 @@ import cedarpy
 from bench._table import Result
 from tether.identity.claims import TokenClaims, parse_grants
 from tether.identity.spiffe import SpiffeId
-from tether.policy.action import ACTION_TYPES, Action
+from tether.policy.action import ACTION_TYPES, Action, Cost
 from tether.policy.core import DecisionCore
 from tether.policy.engine import PolicyEngine
 
@@ -191,11 +191,24 @@ def _evaluated(engine: PolicyEngine, action: Action) -> str:
     """How many policies Cedar is handed for the recurring principals' decision."""
     total = len(engine.loaded.by_action[action.type])
     slicers = getattr(engine.loaded, "slicers", None)
-    if not slicers:
+    if not slicers:  # the engine before slicing
         return f"Cedar evaluates all {total} {action.type} policies"
-    _, _, key = engine._request_keyed(action, GROUPS, None)
-    kept = len(slicers[action.type].kept((key[0], key[1], key[6], key[7], key[8])))
+    _, _, key, ctx = engine._request_parts(action, GROUPS, None)
+    kept = len(slicers[action.type].kept((key[0], key[1], key[6], key[7], key[8]), ctx))
     return f"Cedar evaluates {kept} of {total} {action.type} policies"
+
+
+def _llm(claims: TokenClaims, model: str, i: int) -> Action:
+    """An llm.invoke as the LLM gateway builds it (the context keys it sends, the estimate
+    as the cost); ``i`` makes the context, and so the verdict, new."""
+    return Action(
+        "llm.invoke",
+        claims,
+        model,
+        arguments={"model": model, "tools": []},
+        context={"max_tokens": i, "stream": False, "tools": [], "estimated_tokens": 300},
+        cost=Cost(tokens=300),
+    )
 
 
 @dataclass
@@ -230,7 +243,7 @@ class _Counter:
 
 def _engine_rows(label: str, engine: PolicyEngine, counter: _Counter, target: str) -> list[_Row]:
     recurring = [_claims(f"bot{i}", i) for i in range(RECURRING)]
-    first = Action("llm.invoke", recurring[0], "gpt-4o", context={"max_tokens": 256})
+    first = _llm(recurring[0], "gpt-4o", 256)
     assert engine.authorize(first, GROUPS).outcome == "allow", label
     raw = _raw(engine, first)
 
@@ -239,29 +252,14 @@ def _engine_rows(label: str, engine: PolicyEngine, counter: _Counter, target: st
 
     def miss(n: int) -> Callable[[], object]:
         base = counter.take(n + WARM)
-        acts = iter(
-            [
-                Action(
-                    "llm.invoke",
-                    recurring[i % RECURRING],
-                    "gpt-4o",
-                    context={"max_tokens": base + i},
-                )
-                for i in range(n + WARM)
-            ]
-        )
+        acts = iter([_llm(recurring[i % RECURRING], "gpt-4o", base + i) for i in range(n + WARM)])
         return lambda: engine.authorize(next(acts), GROUPS)
 
     def cold(n: int) -> Callable[[], object]:
         base = counter.take(n + WARM)
         acts = iter(
             [
-                Action(
-                    "llm.invoke",
-                    _claims(f"a{base + i}", 1_000_000 + base + i),
-                    "gpt-4o",
-                    context={"max_tokens": 256},
-                )
+                _llm(_claims(f"a{base + i}", 1_000_000 + base + i), "gpt-4o", 256)
                 for i in range(n + WARM)
             ]
         )
@@ -290,26 +288,16 @@ def _core_rows(root: Path, counter: _Counter) -> tuple[list[_Row], Callable[[], 
     services = Services(home)
     core = services.core
     recurring = [_claims(f"bot{i}", i) for i in range(RECURRING)]
-    probe = Action("llm.invoke", recurring[0], "gpt-4o", context={"max_tokens": 1})
+    probe = _llm(recurring[0], "gpt-4o", 1)
     assert core.decide(probe).allowed
-    mini = core.decide(Action("llm.invoke", recurring[0], "gpt-4o-mini"))
+    mini = core.decide(_llm(recurring[0], "gpt-4o-mini", 1))
     assert mini.allowed and mini.reservation is not None, mini
     core.settle(mini, None)
     raw = _raw(services.policy, probe)
 
     def make(model: str, n: int) -> Iterator[Action]:
         base = counter.take(n + WARM)
-        return iter(
-            [
-                Action(
-                    "llm.invoke",
-                    recurring[i % RECURRING],
-                    model,
-                    context={"max_tokens": base + i},
-                )
-                for i in range(n + WARM)
-            ]
-        )
+        return iter([_llm(recurring[i % RECURRING], model, base + i) for i in range(n + WARM)])
 
     def plain(n: int) -> Callable[[], object]:
         return _decide_fn(core, make("gpt-4o", n))

@@ -1,15 +1,18 @@
-"""Per-request slicing of the policy set by principal and resource scope never changes a decision.
+"""Per-request slicing of the policy set never changes a decision.
 
-The engine hands Cedar only the action's policies whose principal and resource scopes can match
-the request (``ScopeSlicer``). The differential test generates many policy sets (``==``,
-``in Group``, ``is``, ``is ... in``, unconstrained scopes; conditions on principal attributes
-and context, some that raise at run time; forbids; permits with ``@escalate``) and many
-requests, and checks that the verdict (outcome, reasons, policy ids, quorum) from the slice is
-the verdict Cedar gives on the whole set, every time. The focused tests pin each scope kind.
+The engine hands Cedar only the action's policies that can apply to the request
+(``PolicySlicer``): principal and resource scopes that can match, and a leading
+``when { context has ATTR && ...`` guard whose attribute the context has. The differential test
+generates many policy sets (``==``, ``in Group``, ``is``, ``is ... in``, unconstrained scopes;
+conditions on principal attributes and context, guarded and not, several clauses, some that
+raise at run time; forbids; permits with ``@escalate``) and many requests, and checks that the
+verdict (outcome, reasons, policy ids, quorum) from the slice is the verdict Cedar gives on the
+whole set, every time. The focused tests pin each scope kind and each guard shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import Iterator
@@ -23,13 +26,13 @@ from cedarpy import _internal as _cedar
 
 from tether.identity.claims import TokenClaims, parse_grants
 from tether.identity.spiffe import SpiffeId
-from tether.policy.action import ACTION_TYPES, Action
+from tether.policy.action import ACTION_TYPES, Action, Cost
 from tether.policy.engine import (
     LoadedPolicies,
     PolicyEngine,
     PolicyError,
+    PolicySlicer,
     PolicySource,
-    ScopeSlicer,
     load_policies,
 )
 from tether.policy.interfaces import Verdict
@@ -42,6 +45,7 @@ GROUPS = ("g1", "g2", "g3")
 LABELS = ("l1", "l2")
 TASKS = ("", "t1", "t2")
 MODELS = ("gpt-4o", "gpt-4o-mini", "claude")
+EFFECTS = ("db.schema_change", "mail.send")
 TOOLS = ("db.add_index", "search.web")
 SERVICES = ("billing/invoices/1", "crm/x")
 DOMAINS = ("api.github.com:443", "example.com:80")
@@ -100,9 +104,11 @@ def whole_set_verdict(engine: PolicyEngine, action: Action, groups: frozenset[st
     return engine._verdict(loaded, action, response)
 
 
-def slice_key(engine: PolicyEngine, action: Action, groups: frozenset[str]) -> Any:
-    _, _, key = engine._request_keyed(action, groups, None)
-    return (key[0], key[1], key[6], key[7], key[8])
+def kept_ids(engine: PolicyEngine, action: Action, groups: frozenset[str]) -> frozenset[str]:
+    """The ids of the policies the engine hands Cedar for this request."""
+    _, _, key, ctx = engine._request_parts(action, groups, None)
+    slicer = engine.loaded.slicers[action.type]
+    return slicer.kept((key[0], key[1], key[6], key[7], key[8]), ctx)
 
 
 def sliced_verdict(
@@ -115,7 +121,7 @@ def sliced_verdict(
     keeps the slices this test has parsed)."""
     loaded = engine.loaded
     slicer = loaded.slicers[action.type]
-    kept = slicer.kept(slice_key(engine, action, groups))
+    kept = kept_ids(engine, action, groups)
     if kept == slicer.ids:
         policy_set = slicer.whole
     else:
@@ -198,6 +204,20 @@ def _condition(rng: random.Random) -> str:
             f"when {{ principal.depth > {rng.randint(0, 2)} }}",
             "when { context.granted }",
             f"when {{ context has max_tokens && context.max_tokens > {rng.choice((10, 500))} }}",
+            f'when {{ context has effects && context.effects.contains("{rng.choice(EFFECTS)}") }}',
+            "when { context has estimated_tokens && context.estimated_tokens > 50 "
+            "&& principal.depth < 2 }",
+            "when { context has stream }",
+            "when { context has tools && context.tools.isEmpty() }",
+            # not guards (the attribute test is not first, or not a `when`): never dropped
+            "unless { context has max_tokens && context.max_tokens > 10 }",
+            "when { (context has stream || principal.depth > 0) && context.granted }",
+            "when { context.granted && context has max_tokens }",
+            # a guard, then a clause that raises: the guard is evaluated first
+            "when { context has effects } when { principal.depth + 9223372036854775807 > 0 }",
+            # a clause that raises, then a guard: it raises whatever the context holds
+            "when { principal.depth + 9223372036854775807 > 0 } when { context has effects }",
+            "when { principal.depth + 9223372036854775807 > 0 && context has effects }",
             f"when {{ context.hour >= {rng.randint(0, 23)} }}",
             f'when {{ principal in {NS}::Group::"{rng.choice(GROUPS)}" }}',
             f'when {{ resource.name like "*{rng.choice(("4o", "db", "a1"))}*" }}',
@@ -261,7 +281,13 @@ def generated_requests(rng: random.Random, n: int) -> Iterator[Request]:
         ctx: dict[str, Any] = {}
         if rng.random() < 0.6:
             ctx["max_tokens"] = rng.choice((5, 100, 1000))
-        yield Request(Action(atype, who, resource, context=ctx), groups)
+        if rng.random() < 0.3:
+            ctx["stream"] = rng.random() < 0.5
+        if rng.random() < 0.3:
+            ctx["tools"] = rng.sample(TOOLS, rng.randint(0, 2))
+        effects = {e: 1 for e in EFFECTS if rng.random() < 0.25}  # the engine adds context.effects
+        cost = Cost(tokens=rng.choice((0, 0, 40, 4000)))  # ... and context.estimated_tokens
+        yield Request(Action(atype, who, resource, context=ctx, effects=effects, cost=cost), groups)
 
 
 # -- the differential test ---------------------------------------------------------------
@@ -289,18 +315,13 @@ def test_sliced_decisions_equal_whole_set_decisions(seed: int) -> None:
             assert got == whole, (lines, req)
             # ... and the engine end to end, twice (the second builds and uses the slice)
             assert engine.authorize(req.action, req.groups) == whole, (lines, req)
-            again = Action(
-                req.action.type,
-                req.action.principal,
-                req.action.resource,
-                context={**req.action.context, "stream": True},
-            )
+            again = dataclasses.replace(req.action, context={**req.action.context, "stream": True})
             assert engine.authorize(again, req.groups) == whole_set_verdict(
                 engine, again, req.groups
             )
             slicer = engine.loaded.slicers[req.action.type]
             checked += 1
-            sliced += len(slicer.kept(slice_key(engine, req.action, req.groups))) < len(slicer)
+            sliced += len(kept_ids(engine, req.action, req.groups)) < len(slicer)
             outcomes.add(whole.outcome)
             if whole.reasons and "fail closed" in whole.reasons[0]:
                 outcomes.add("fail-closed")
@@ -434,15 +455,108 @@ def test_each_scope_kind_is_kept_exactly_when_it_can_match(case: ScopeCase) -> N
         reload_interval=None,
     )
     action = Action(case.action, case.who, case.resource)
-    slicer = engine.loaded.slicers[case.action]
     under_test = next(p for p in engine.policies if p.id == "under-test")
-    kept = slicer.kept(slice_key(engine, action, case.groups))
+    kept = kept_ids(engine, action, case.groups)
     assert (f"policy{under_test.index}" in kept) is case.kept
     # and the forbid decides exactly when it is kept: the slice never hides a match
     verdict = engine.authorize(action, case.groups)
     assert verdict == whole_set_verdict(engine, action, case.groups)
     assert (verdict.outcome == "deny") is case.kept
     assert ("under-test" in verdict.policies) is case.kept
+
+
+# -- focused: each context-guard shape ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GuardCase:
+    condition: str
+    context: dict[str, Any]
+    kept: bool  # does the slice keep the policy?
+    denies: bool  # does the forbid decide (satisfied, or raising: fail closed)?
+    effects: dict[str, int] = dataclasses.field(default_factory=dict)
+    tokens: int = 0
+
+
+RAISES = "principal.depth + 9223372036854775807 > 0"
+
+GUARD_CASES: dict[str, GuardCase] = {
+    "guard, attribute present": GuardCase(
+        "when { context has max_tokens && context.max_tokens > 10 }", {"max_tokens": 99}, True, True
+    ),
+    "guard, attribute absent": GuardCase(
+        "when { context has max_tokens && context.max_tokens > 10 }", {}, False, False
+    ),
+    "guard alone, absent": GuardCase("when { context has stream }", {}, False, False),
+    "guard alone, present (false is still present)": GuardCase(
+        "when { context has stream }", {"stream": False}, True, True
+    ),
+    "guard on effects the engine adds": GuardCase(
+        'when { context has effects && context.effects.contains("db.schema_change") }',
+        {},
+        True,
+        True,
+        effects={"db.schema_change": 1},
+    ),
+    "guard on effects, none declared": GuardCase(
+        'when { context has effects && context.effects.contains("db.schema_change") }',
+        {},
+        False,
+        False,
+    ),
+    "guard on the estimated tokens the engine adds": GuardCase(
+        "when { context has estimated_tokens }", {}, True, True, tokens=10
+    ),
+    "unless guard, absent": GuardCase("unless { context has max_tokens }", {}, True, True),
+    "guard second in the conjunction, absent": GuardCase(
+        "when { context.granted && context has max_tokens }", {}, True, False
+    ),
+    "guard in a disjunction, absent": GuardCase(
+        "when { context has max_tokens || context.granted }", {}, True, True
+    ),
+    "guard in the second clause, absent": GuardCase(
+        "when { context.granted } when { context has max_tokens }", {}, True, False
+    ),
+    "guard then a raising clause, absent": GuardCase(
+        f"when {{ context has stream }} when {{ {RAISES} }}", {}, False, False
+    ),
+    "guard then a raising clause, present": GuardCase(
+        f"when {{ context has stream }} when {{ {RAISES} }}", {"stream": True}, True, True
+    ),
+    "raising clause then guard, absent": GuardCase(
+        f"when {{ {RAISES} }} when {{ context has stream }}", {}, True, True
+    ),
+    "raising conjunct then guard, absent": GuardCase(
+        f"when {{ {RAISES} && context has stream }}", {}, True, True
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GUARD_CASES.values(), ids=GUARD_CASES.keys())
+def test_each_context_guard_shape_is_dropped_exactly_when_it_cannot_apply(
+    case: GuardCase,
+) -> None:
+    filler = [f'@id("filler-{i}") {PERMIT_ALL}' for i in range(20)] + [
+        f'@id("nobody-{i}") forbid (principal == {_uid("agent", "nobody")}, action, resource);'
+        for i in range(2)
+    ]
+    policy = f'@id("under-test") forbid (principal, action == {LLM}, resource) {case.condition};'
+    engine = _engine_of("\n".join([policy, *filler]))
+    action = Action(
+        "llm.invoke",
+        claims(),
+        "gpt-4o",
+        context=case.context,
+        effects=case.effects,
+        cost=Cost(tokens=case.tokens),
+    )
+    under_test = next(p for p in engine.policies if p.id == "under-test")
+    assert (f"policy{under_test.index}" in kept_ids(engine, action, frozenset())) is case.kept
+    for _ in range(2):  # the second decision uses the parsed slice
+        verdict = engine.authorize(dataclasses.replace(action, arguments={"n": _}), frozenset())
+        assert verdict == whole_set_verdict(engine, action, frozenset())
+        assert (verdict.outcome == "deny") is case.denies
+        assert ("under-test" in verdict.policies) is case.denies
 
 
 # -- focused: behaviour around the slices --------------------------------------------------
@@ -563,11 +677,11 @@ def test_cached_slices_stay_within_the_policy_budget() -> None:
     whole = loaded.by_action["llm.invoke"]
     tree = whole.to_pst().static_policies
     order = {pid: int(pid.removeprefix("policy")) for pid in tree}
-    slicer = ScopeSlicer(whole, tree, order, policy_budget=10)
+    slicer = PolicySlicer(whole, tree, order, policy_budget=10)
     for i in range(30):
         key = ("Tether::Agent", spiffe("agent", f"x{i}"), frozenset(), "Tether::Model", "m")
         for _ in range(2):
-            ps = slicer.policy_set(key)
+            ps = slicer.policy_set(key, {"granted": True, "hour": 1})
         assert len(ps) == 2  # the grants permit and this agent's forbid
         assert slicer.held <= 10
     assert slicer.built == 30

@@ -15,9 +15,12 @@ Outcomes. Cedar's ``Allow`` is ``allow`` unless a satisfied permit carries
 every quorum is required, joined with " and "). Cedar's ``Deny`` is ``deny``; a ``forbid``
 always wins. ``@reason("...")`` puts its text in the verdict's reasons.
 
-Hot path. The policy set and schema are parsed once per load; the per-request entity set (the
-principal with its groups, and the resource) is parsed once per distinct (principal, groups,
-resource) and kept in a bounded LRU; the context is serialised per call. The stat-based
+Hot path. The policy set and schema are parsed once per load, and split per action type; per
+request, Cedar is handed only the action's policies whose principal and resource scopes can
+match and whose context guards hold (:class:`PolicySlicer`: exact, sliced sets cached). The
+per-request entity set (the principal with its groups, and the resource) is parsed once per
+distinct (principal, groups, resource) and kept in a bounded LRU; the context is serialised per
+call; whole verdicts are cached per policy version, entities and context. The stat-based
 change check for live reload runs at most once per ``reload_interval`` and costs the other
 decisions one monotonic clock read. Any failure inside :meth:`PolicyEngine.authorize` is a
 ``deny`` naming the failure, never an exception.
@@ -34,7 +37,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -259,7 +262,7 @@ class LoadedPolicies:
     ``by_action`` holds, per action type, a pre-parsed set of only the policies whose action
     scope can match it (same decisions as the whole set: a policy whose scope excludes the
     action is never satisfied), so a decision pays only for the policies that concern it.
-    ``slicers`` cut that set further per principal and resource (see :class:`ScopeSlicer`);
+    ``slicers`` cut that set further per request (see :class:`PolicySlicer`);
     their caches live and die with this object, so a reload starts them afresh.
     """
 
@@ -269,7 +272,7 @@ class LoadedPolicies:
     by_cedar_id: Mapping[str, PolicyInfo]
     version: str
     sources: tuple[str, ...]
-    slicers: Mapping[str, ScopeSlicer] = field(default_factory=dict)
+    slicers: Mapping[str, PolicySlicer] = field(default_factory=dict)
     _mirror: dict[str, cedarpy.PolicySet] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -309,17 +312,22 @@ def _subset(policy_set: cedarpy.PolicySet, action_type: str, *, flip: bool = Fal
     )
 
 
-# -- slicing by principal and resource scope ----------------------------------------------
+# -- slicing: only the policies that can apply ----------------------------------------------
 #
 # Cedar's cost is proportional to the number of policies it is handed (~0.6 us each even when
 # the scope cannot match), so a decision is evaluated on the action's policies minus those
-# whose principal or resource scope cannot match this request's entities. That is exact: a
-# policy's scope is conjoined with its conditions and evaluated first, so a policy whose scope
-# is false is never satisfied and never evaluates a condition (no reason, no error) whatever
-# the context. The scope is decided from facts the engine itself puts in the entity set: the
-# principal's only ancestors are its groups, and the resource's only ancestors are none (or
-# the principal's groups when the resource is the principal itself). A scope the slicer does
-# not understand (a template slot, a newer constraint kind) keeps its policy.
+# that cannot be satisfied by this request, known without evaluating anything that could
+# fail. A policy is conjoined, in this order and short-circuiting, from its principal,
+# action and resource scopes and then its clauses in source order. So a policy is dropped,
+# exactly (it would be neither satisfied nor raise an error, whatever else the request holds):
+#
+# * when its principal or resource scope cannot match. Scopes are decided from facts the
+#   engine itself puts in the entity set: the principal's only ancestors are its groups, the
+#   resource's only ancestors are none (or the principal's groups when the resource is the
+#   principal itself). A scope the slicer does not classify (a slot, a newer kind) keeps it;
+# * when its first clause is a ``when`` whose leftmost conjunct is ``context has ATTR`` and
+#   the request's context lacks ATTR (scopes never raise, so nothing is evaluated before that
+#   test). The schema makes policies guard every optional context attribute this way.
 
 _Uid = tuple[str, str]  # (entity type, entity id), exactly as Cedar compares them
 _SliceKey = tuple[str, str, frozenset[str], str, str]  # ptype, pid, groups, rtype, rid
@@ -363,11 +371,7 @@ class _ScopeIndex:
                 is_in.setdefault(key, set()).add(pid)
             else:  # ScopeAny, a slot, or anything newer: it may match, so it stays
                 always.add(pid)
-
-        def frozen(d: Mapping[Any, set[str]]) -> dict[Any, frozenset[str]]:
-            return {k: frozenset(v) for k, v in d.items()}
-
-        return cls(frozenset(always), frozen(eq), frozen(in_), frozen(is_), frozen(is_in))
+        return cls(frozenset(always), _frozen(eq), _frozen(in_), _frozen(is_), _frozen(is_in))
 
     def matching(self, uid: _Uid, ancestors: Iterable[_Uid]) -> set[str]:
         """The policies whose scope holds for entity ``uid`` with exactly ``ancestors``."""
@@ -382,16 +386,38 @@ class _ScopeIndex:
         return out
 
 
-class ScopeSlicer:
-    """One action's policies, cut per (principal, groups, resource) to those whose scopes
-    can match, as a pre-parsed Cedar set.
+def _frozen(d: Mapping[Any, set[str]]) -> dict[Any, frozenset[str]]:
+    return {k: frozenset(v) for k, v in d.items()}
 
-    Two bounded LRUs: request key -> the ids kept (cheap to compute, from the indexes), and
-    ids kept -> the parsed set (parsing costs ~15 us a policy, so one set serves every
-    request that keeps the same policies, e.g. every agent of a group). A kept-id set is parsed
-    the second time it is needed; the first time, the whole action set decides (same answer),
-    so a one-off principal never pays a parse. Thread-safe: a race builds a set twice, never
-    a wrong one.
+
+def _context_guard(tpl: Any) -> str | None:
+    """ATTR if ``tpl``'s first clause is ``when { context has ATTR && ... }``, else None."""
+    pst = cedarpy.pst
+    if not tpl.clauses or not isinstance(tpl.clauses[0], pst.When):
+        return None
+    expr = tpl.clauses[0].expr
+    while isinstance(expr, pst.BinaryOp) and expr.op == "and":
+        expr = expr.left  # ``a && b && c`` is ``(a && b) && c``: a is evaluated first
+    if (
+        isinstance(expr, pst.HasAttr)
+        and isinstance(expr.base, pst.Var)
+        and expr.base.name == "context"
+        and len(expr.attrs) == 1
+    ):
+        return str(expr.attrs[0])
+    return None
+
+
+class PolicySlicer:
+    """One action's policies, cut per request to those that can apply (see above), as a
+    pre-parsed Cedar set.
+
+    Two bounded caches: (principal, groups, resource, context attributes missing) -> the ids
+    kept (cheap to compute, from indexes), and an LRU of ids kept -> the parsed set. Parsing
+    costs ~15 us a policy, so one set serves every request that keeps the same policies (e.g.
+    every agent of a group). A kept-id set is parsed the second time it is needed; the first
+    time, the whole action set decides (same answer), so a one-off principal never pays a
+    parse. Thread-safe: a race builds a set twice, never a wrong one.
     """
 
     def __init__(
@@ -409,8 +435,15 @@ class ScopeSlicer:
         self._all = frozenset(templates)
         self._principal = _ScopeIndex.build({k: t.principal for k, t in templates.items()})
         self._resource = _ScopeIndex.build({k: t.resource for k, t in templates.items()})
-        self._trivial = self._all == self._principal.always & self._resource.always
-        self._keys: OrderedDict[_SliceKey, frozenset[str]] = OrderedDict()
+        guards: dict[str, set[str]] = {}
+        for pid, tpl in templates.items():
+            attr = _context_guard(tpl)
+            if attr is not None:
+                guards.setdefault(attr, set()).add(pid)
+        self._guards = _frozen(guards)
+        self._guard_attrs = tuple(sorted(guards))
+        self._trivial = not guards and self._all == self._principal.always & self._resource.always
+        self._keys: OrderedDict[tuple[_SliceKey, tuple[str, ...]], frozenset[str]] = OrderedDict()
         self._key_cache_size = key_cache_size
         self._sets: OrderedDict[frozenset[str], cedarpy.PolicySet] = OrderedDict()
         self._held = 0
@@ -432,43 +465,49 @@ class ScopeSlicer:
         """Policies held in the cached parsed slices (bounded by the policy budget)."""
         return self._held
 
-    def kept(self, key: _SliceKey) -> frozenset[str]:
-        """The ids of the policies whose principal and resource scopes can match ``key``."""
+    def kept(self, key: _SliceKey, context: Container[str]) -> frozenset[str]:
+        """The ids of the policies that can apply to a request on ``key`` (principal type
+        and id, groups, resource type and id) whose context has the attributes ``context``
+        has."""
         if self._trivial:
             return self._all
-        with self._lock:
-            hit = self._keys.get(key)
-            if hit is not None:
-                self._keys.move_to_end(key)
-                return hit
+        missing = tuple([a for a in self._guard_attrs if a not in context])
+        # Hits take no lock (a dict read is atomic) and do not reorder: the key cache evicts
+        # first in, first out, since recomputing an evicted key costs a few lookups.
+        hit = self._keys.get((key, missing))
+        if hit is not None:
+            return hit
         ptype, pid, groups, rtype, rid = key
         principal: _Uid = (ptype, pid)
         parents = tuple((GROUP_TYPE, g) for g in groups)
         resource: _Uid = (rtype, rid)
         # the resource is its own entity with no parents, unless it is the principal
         r_parents = parents if resource == principal else ()
-        kept = frozenset(
-            self._principal.matching(principal, parents)
-            & self._resource.matching(resource, r_parents)
-        )
-        if len(self._all) - len(kept) < MIN_DROPPED:
-            kept = self._all
+        can = self._principal.matching(principal, parents)
+        can &= self._resource.matching(resource, r_parents)
+        for attr in missing:
+            can -= self._guards[attr]
+        kept = self._all if len(self._all) - len(can) < MIN_DROPPED else frozenset(can)
         with self._lock:
-            self._keys[key] = kept
+            self._keys[(key, missing)] = kept
             if len(self._keys) > self._key_cache_size:
                 self._keys.popitem(last=False)
         return kept
 
-    def policy_set(self, key: _SliceKey) -> cedarpy.PolicySet:
-        """The parsed set to decide ``key`` with: its slice, or the whole action set."""
-        kept = self.kept(key)
+    def policy_set(self, key: _SliceKey, context: Container[str]) -> cedarpy.PolicySet:
+        """The parsed set to decide a request with (see :meth:`kept`): its slice, or the
+        whole action set."""
+        kept = self.kept(key, context)
         if kept is self._all:
             return self.whole
-        with self._lock:
-            got = self._sets.get(kept)
-            if got is not None:
+        got = self._sets.get(kept)
+        if got is not None:
+            try:  # noqa: SIM105 - the hot path; suppress() costs more than the move
                 self._sets.move_to_end(kept)
-                return got
+            except KeyError:  # evicted by another thread meanwhile
+                pass
+            return got
+        with self._lock:
             if kept not in self._seen:  # first sighting: not worth a parse yet
                 if len(self._seen) >= self._key_cache_size:
                     self._seen.clear()
@@ -498,11 +537,13 @@ class ScopeSlicer:
         )
 
 
-def _slicers(policy_set: cedarpy.PolicySet, by_action: Mapping[str, Any]) -> dict[str, ScopeSlicer]:
+def _slicers(
+    policy_set: cedarpy.PolicySet, by_action: Mapping[str, Any]
+) -> dict[str, PolicySlicer]:
     tree = policy_set.to_pst()
     order = {pid: int(pid.removeprefix("policy")) for pid in tree.static_policies}
     return {
-        a: ScopeSlicer(
+        a: PolicySlicer(
             whole,
             {pid: tpl for pid, tpl in tree.static_policies.items() if _applies(tpl.action, a)},
             order,
@@ -927,7 +968,7 @@ class PolicyEngine:
             slicer = loaded.slicers.get(action.type)
             if slicer is None:
                 raise BadRequest(f"unknown action type {action.type!r}")
-            request, entities, key = self._request_keyed(action, groups, granted)
+            request, entities, key, ctx = self._request_parts(action, groups, granted)
             # A verdict is a pure function of the policy set, the entities (a function of
             # ``key``) and the request context, so repeated calls reuse it until a reload.
             memo = (
@@ -942,8 +983,8 @@ class PolicyEngine:
             cached = self._verdicts.get(memo)
             if cached is not None:
                 return cached
-            # only the action's policies whose scopes can match this principal and resource
-            policy_set = slicer.policy_set((key[0], key[1], key[6], key[7], key[8]))
+            # only the action's policies that can apply to this principal, resource, context
+            policy_set = slicer.policy_set((key[0], key[1], key[6], key[7], key[8]), ctx)
             response: dict[str, Any] = orjson.loads(
                 _cedar.is_authorized(request, policy_set, entities, None, False)
             )
@@ -977,6 +1018,13 @@ class PolicyEngine:
     def _request_keyed(
         self, action: Action, groups: frozenset[str], granted: bool | None
     ) -> tuple[dict[str, Any], Any, _EntityKey]:
+        request, entities, key, _ = self._request_parts(action, groups, granted)
+        return request, entities, key
+
+    def _request_parts(
+        self, action: Action, groups: frozenset[str], granted: bool | None
+    ) -> tuple[dict[str, Any], Any, _EntityKey, dict[str, Any]]:
+        """The Cedar request, the entities handle, the entities' cache key, the context."""
         claims: TokenClaims = action.principal
         subject = claims.subject
         ptype = PRINCIPAL_TYPES[subject.kind]
@@ -1010,14 +1058,14 @@ class PolicyEngine:
             ctx["granted"] = bool(granted)
         elif "granted" not in ctx:
             ctx["granted"] = action.granted
-        ctx["hour"] = time.gmtime(self._clock()).tm_hour
+        ctx["hour"] = int(self._clock() // 3600) % 24  # time.gmtime(...).tm_hour, cheaper
         request = {
             "principal": {"type": ptype, "id": pid},
             "action": {"type": ACTION_ENTITY, "id": atype},
             "resource": {"type": rtype, "id": action.resource},
             "context": orjson.dumps(ctx).decode(),
         }
-        return request, entities, key
+        return request, entities, key, ctx
 
     def _verdict(self, loaded: LoadedPolicies, action: Action, response: dict[str, Any]) -> Verdict:
         diag = response.get("diagnostics") or {}
