@@ -800,11 +800,7 @@ class MCPGateway:
             context={"server": server.name, "tool": tool},
             effects=server.effects_of(tool),
         )
-        try:
-            _, _, verdict = self.core._authorize(action)
-        except Exception:
-            return False
-        return verdict.outcome != "deny"
+        return self.core.authorize(action).outcome != "deny"  # a failing check is a deny
 
     async def _list_tools(self, req: _Req, msg: Message, sess: SessionRecord) -> None:
         claims = req.claims
