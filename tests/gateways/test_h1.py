@@ -195,7 +195,9 @@ async def uvicorn_server() -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     sock.setblocking(False)
-    config = uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", access_log=False, timeout_graceful_shutdown=1
+    )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     await eventually(lambda: server.started or task.done(), "uvicorn started")
@@ -833,7 +835,8 @@ def test_a_request_that_went_out_is_never_sent_again(run: Run) -> None:
 # TLS
 
 
-def _tls_files(tmp_path: Path, names: list[str]) -> tuple[Path, Path]:
+def self_signed(tmp_path: Path, names: list[str]) -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for ``names`` and its key, as PEM files."""
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = datetime.datetime.now(datetime.UTC)
@@ -894,7 +897,7 @@ async def tls_server(cert: Path, key: Path, sni: list[str | None]) -> AsyncItera
 
 
 def test_https_verifies_the_certificate_and_sends_sni(run: Run, tmp_path: Path) -> None:
-    cert, key = _tls_files(tmp_path, ["localhost", "127.0.0.1"])
+    cert, key = self_signed(tmp_path, ["localhost", "127.0.0.1"])
 
     async def main() -> None:
         sni: list[str | None] = []
@@ -918,7 +921,7 @@ def test_https_verifies_the_certificate_and_sends_sni(run: Run, tmp_path: Path) 
 
 
 def test_https_refuses_a_certificate_for_another_name(run: Run, tmp_path: Path) -> None:
-    cert, key = _tls_files(tmp_path, ["upstream.example"])
+    cert, key = self_signed(tmp_path, ["upstream.example"])
 
     async def main() -> None:
         async with tls_server(cert, key, []) as port:
