@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tether.gateways import h1
 from tether.gateways.h1 import (
     HIGH_WATER,
     HttpClient,
@@ -757,6 +758,9 @@ def test_an_idle_connection_the_upstream_closed_is_not_used(run: Run) -> None:
             c = HttpClient()
             assert await (await c.request("POST", srv.url + "/", body=b"{}")).aread() == b"1"
             await closed.wait()
+            await eventually(
+                lambda: not any(p.idle for p in c._pools.values()), "the pool saw the close"
+            )
             assert await (await c.request("POST", srv.url + "/", body=b"{}")).aread() == b"2"
             assert srv.connections == 2 and len(srv.requests) == 2
             await c.aclose()
@@ -764,10 +768,14 @@ def test_an_idle_connection_the_upstream_closed_is_not_used(run: Run) -> None:
     run(main())
 
 
-def test_a_close_the_loop_has_not_seen_yet_is_caught_before_writing(run: Run) -> None:
+def test_a_close_the_loop_has_not_seen_yet_is_caught_before_writing(
+    run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The upstream's FIN is in the socket but the loop has not run since (the test holds it):
     the pool's zero-timeout poll sees it, so the request goes to a new connection instead of
-    into a dead one. A blocking-socket server in a thread, so the loop can stay held."""
+    into a dead one. A blocking-socket server in a thread, so the loop can stay held. (The
+    pool polls only connections idle for ``POLL_IDLE_AFTER``; here at once.)"""
+    monkeypatch.setattr(h1, "POLL_IDLE_AFTER", 0.0)
     requests: list[tuple[int, bytes]] = []
     first_closed = threading.Event()
 

@@ -22,12 +22,13 @@ The retry rule (a POST to a model costs money): a request is written to a socket
 A pooled connection found closed before the request is written to it is dropped and the
 request goes to another connection, a fresh one if need be: closed means the loop saw the
 peer's FIN or RST, the transport is closing, the idle timeout (or the upstream's own
-``Keep-Alive: timeout``) passed, or a zero-timeout poll finds the idle socket readable (a FIN,
-a reset or stray bytes that arrived since the loop last looked). Once a byte of the request has
-been handed to the socket, any failure is reported and never retried, even when no byte of the
-response came back: the upstream (or a load balancer in front of it) may have read the request
-and started work, and TCP cannot tell us otherwise (a reset proves nothing about a balancer
-that already forwarded it). Idempotent methods get no exception to this: the caller decides.
+``Keep-Alive: timeout``) passed, or, for a connection idle a second or more, a zero-timeout
+poll finds its socket readable (a FIN, a reset or stray bytes the loop has not seen yet).
+Once a byte of the request has been handed to the socket, any failure is reported and never
+retried, even when no byte of the response came back: the upstream (or a load balancer in
+front of it) may have read the request and started work, and TCP cannot tell us otherwise (a
+reset proves nothing about a balancer that already forwarded it). Idempotent methods get no
+exception to this: the caller decides.
 
 Errors::
 
@@ -75,6 +76,10 @@ DEFAULT_MAX_RESPONSE_BYTES = 32 * 1024 * 1024  # what aread() accepts unless tol
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024  # status line and headers of one response
 HIGH_WATER = 512 * 1024  # unconsumed body bytes at which reading from the socket pauses
 KEEP_ALIVE_MARGIN = 1.0  # seconds before the upstream's announced idle close we stop reusing
+# Idle at least this long before reuse, a connection's socket is polled for a close the loop has
+# not seen yet. Not sooner: servers close idle connections after seconds, and the poll releases
+# the GIL, which under load hands it to the audit writer thread at every request.
+POLL_IDLE_AFTER = 1.0
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(r"[\x00\r\n]")
@@ -264,6 +269,7 @@ class _Conn(asyncio.Protocol):
         "expires",
         "head_bytes",
         "idle",
+        "idle_since",
         "keep",
         "last_rx",
         "loop",
@@ -290,6 +296,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.keep = pool.idle_timeout
         self.expires = 0.0
+        self.idle_since = 0.0
         self.last_rx = 0.0
         self.head_bytes = 0
         self.timer: asyncio.TimerHandle | None = None
@@ -454,9 +461,11 @@ class _Conn(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return False
         p = self.poller
+        if p is None or now - self.idle_since < POLL_IDLE_AFTER:
+            return True
         # Anything readable on an idle connection (a FIN, a reset, stray bytes) that the loop
         # has not processed yet means it must not carry a request.
-        return p is None or not p.poll(0)
+        return not p.poll(0)
 
     def fail(self, e: UpstreamFailed) -> None:
         resp, self.resp = self.resp, None
@@ -641,6 +650,7 @@ class _Pool:
             conn.close()
             return
         now = self.loop.time()
+        conn.idle_since = now
         conn.expires = now + conn.keep
         idle = self.idle
         while idle and idle[0].expires <= now:  # the oldest idle ones may have expired
