@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -406,6 +407,32 @@ async def test_connection_header_cannot_drop_the_injected_credential(
     assert all(v != "close, X-Api-Key, Authorization" for v in seen.header("connection"))
 
 
+async def test_a_repeated_request_header_reaches_the_upstream_as_one_field(
+    services: Services, upstream: Upstream, token: str
+) -> None:
+    gw = await _gw(services, table_for(upstream.base, crm={"forward_cookies": True}))
+    r = await asgi_call(
+        gw,
+        "GET",
+        "/http/crm/customers/1",
+        token=token,
+        headers=[
+            (b"x-trace", b"a"),
+            (b"accept", b"text/plain"),
+            (b"x-trace", b"b"),
+            (b"cookie", b"sid=1"),
+            (b"cookie", b"theme=dark"),
+        ],
+    )
+    await gw.aclose()
+    assert r.status == 200
+    seen = upstream.seen[-1]
+    # values in the order sent (RFC 9110 5.3); cookies joined as one Cookie header
+    assert seen.header("x-trace") == ["a, b"]
+    assert seen.header("accept") == ["text/plain"]
+    assert seen.header("cookie") == ["sid=1; theme=dark"]
+
+
 async def test_websocket_refused(gateway: HTTPGateway) -> None:
     sent: list[dict[str, Any]] = []
 
@@ -592,6 +619,33 @@ async def test_upstream_that_hangs_mid_body_cuts_the_response(
     assert r.status == 200 and r.body == b"partial"
     assert not r.complete  # never a body that looks whole
     assert _last_response(services)["data"]["response"]["status"] == "upstream_timeout"
+
+
+async def test_no_free_connection_is_a_504_and_nothing_is_forwarded(
+    services: Services, upstream: Upstream, token: str
+) -> None:
+    # One connection per service: while it hangs, the next request waits for it at most
+    # connect_timeout, then is refused without a byte reaching the upstream.
+    table = table_for(upstream.base, crm={"connect_timeout": "0.2s"}, max_connections=1)
+    gw = await _gw(services, table)
+    hang = asyncio.ensure_future(asgi_call(gw, "GET", "/http/crm/hang", token=token))
+    try:
+        async with asyncio.timeout(30):
+            while not upstream.seen:
+                await asyncio.sleep(0.01)
+            r = await asgi_call(gw, "GET", "/http/crm/customers/7", token=token)
+    finally:
+        hang.cancel()
+        with contextlib.suppress(BaseException):
+            await hang
+        await gw.aclose()
+    assert r.status == 504 and r.json()["error"]["type"] == "upstream_timeout"
+    assert "no connection" in r.json()["error"]["message"]
+    assert [s.path for s in upstream.seen] == ["/api/hang"]
+    [refused] = [
+        e for e in _events(services, "http.request") if e["data"].get("path") == "/customers/7"
+    ]
+    assert refused["data"]["response"]["status"] == "upstream_timeout"
 
 
 async def _garbage_server(reply: bytes) -> tuple[asyncio.Server, int]:

@@ -38,15 +38,22 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-import aiohttp
-
 from tether.errors import AuthenticationError, RecordFailed, TetherError
 from tether.events import Event, Recorder
 from tether.gateways.http.config import METHODS, HTTPSettings, Rule, Service
 from tether.gateways.http.errors import HTTPGatewayError, render_error
 from tether.gateways.http.headers import Inbound, Scrubber, inbound, outbound, record_headers
 from tether.gateways.http.paths import PathError, Target, parse_target
-from tether.gateways.http.upstream import Upstreams
+from tether.gateways.http.upstream import (
+    Response,
+    UpstreamFailed,
+    UpstreamProtocolError,
+    Upstreams,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    content_length,
+    not_sent,
+)
 from tether.identity.claims import TokenClaims
 from tether.policy.action import Action, Cost, Decision
 from tether.policy.core import DecisionCore
@@ -572,7 +579,7 @@ class HTTPGateway:
         try:
             await self._relay(call, resp, receive, out, request if safe else None)
         finally:
-            resp.release()
+            await resp.aclose()
 
     async def _failed(
         self,
@@ -599,7 +606,7 @@ class HTTPGateway:
     async def _relay(
         self,
         call: _Call,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         receive: Receive,
         out: _Out,
         request: tuple[dict[str, Any], dict[str, bytes]] | None,
@@ -611,14 +618,14 @@ class HTTPGateway:
         needles = svc.auth.needles
         scrub = Scrubber(needles) if needles else None
         headers = outbound(
-            resp.raw_headers,
+            resp.headers,
             forward_cookies=svc.limits.forward_cookies,
             scrub=scrub,
             base_url=svc.base_url,
             prefix=HTTP_PREFIX + svc.name,
         )
-        status = resp.status
-        length = resp.content_length
+        status = resp.status_code
+        length = content_length(resp)
         limit = svc.limits.max_response_bytes
         capture = _Capture(svc.limits.record_body_bytes)
         if limit and length is not None and length > limit:
@@ -635,7 +642,7 @@ class HTTPGateway:
         no_body = call.method == "HEAD" or status in (204, 304) or status < 200
         if no_body or (length is not None and length <= WHOLE_BODY_MAX):
             try:
-                data = b"" if no_body else await resp.read()
+                data = b"" if no_body else await resp.aread()
             except BaseException as e:
                 err2 = _upstream_error(e, call)
                 await self._failed(call, request, err2, status, headers)
@@ -685,7 +692,7 @@ class HTTPGateway:
 
     async def _pump(
         self,
-        resp: aiohttp.ClientResponse,
+        resp: Response,
         scrub: Scrubber | None,
         capture: _Capture,
         limit: int,
@@ -695,7 +702,7 @@ class HTTPGateway:
         the response is left incomplete (the server then closes the connection)."""
         total = 0
         try:
-            async for chunk in resp.content.iter_any():
+            async for chunk in resp.aiter_raw():
                 total += len(chunk)
                 if limit and total > limit:
                     return "response_too_large"
@@ -704,9 +711,9 @@ class HTTPGateway:
                 if chunk:
                     capture.add(chunk)
                     await out({"type": "http.response.body", "body": chunk, "more_body": True})
-        except TimeoutError:
+        except UpstreamTimeout:
             return "upstream_timeout"
-        except aiohttp.ClientError:
+        except UpstreamFailed:
             return "upstream_cut"
         tail = scrub.end() if scrub is not None else b""
         capture.add(tail)
@@ -725,26 +732,30 @@ def _upstream_error(e: BaseException, call: _Call) -> HTTPGatewayError | None:
     """Map an upstream failure (``None`` for a cancellation, which propagates). A request that
     never reached the upstream is marked not forwarded, so its reservation is released."""
     name = call.service.name
-    if isinstance(e, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+    if isinstance(e, UpstreamUnreachable):
         call.forwarded = False
-        if isinstance(e, aiohttp.ConnectionTimeoutError):
-            return HTTPGatewayError(504, "upstream_timeout", f"connecting to {name!r} timed out")
         return HTTPGatewayError(502, "upstream_unreachable", f"service {name!r} is unreachable")
-    if isinstance(e, TimeoutError):
+    if isinstance(e, UpstreamTimeout):
+        if not_sent(e):
+            call.forwarded = False
+            return HTTPGatewayError(
+                504, "upstream_timeout", f"no connection to {name!r} within the connect timeout"
+            )
         return HTTPGatewayError(
             504,
             "upstream_timeout",
             f"service {name!r} did not answer within {call.service.limits.timeout:g}s",
         )
-    if isinstance(e, aiohttp.ServerDisconnectedError):
-        return HTTPGatewayError(
-            502, "upstream_disconnected", f"service {name!r} closed the connection"
-        )
-    if isinstance(e, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+    if isinstance(e, UpstreamProtocolError):
         return HTTPGatewayError(
             502, "upstream_garbage", f"service {name!r} sent a response that is not valid HTTP"
         )
-    if isinstance(e, aiohttp.ClientError):
+    if isinstance(e, UpstreamFailed):
+        return HTTPGatewayError(
+            502, "upstream_disconnected", f"service {name!r} closed the connection"
+        )
+    if isinstance(e, ValueError):  # refused by the client before sending (a header value)
+        call.forwarded = False
         return HTTPGatewayError(
             502, "upstream_failed", f"the call to {name!r} failed ({type(e).__name__})"
         )
