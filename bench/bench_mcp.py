@@ -552,7 +552,7 @@ def measure(plan: Plan, log: Any = print) -> list[Result]:
             "<= 1,000 us",
             f"direct {d50:.3f} ms, gateway {med('gateway', 'p50') * 1e3:.3f} ms; with an "
             f"in-memory recorder instead of the audit log: +{mem50:,.0f} us; one audit append "
-            f"alone, c=1: {audit_p50 * 1e3:.3f} ms; [audit] sync = {sync}{note}",
+            f"alone, c=1: {audit_p50 * 1e3:.3f} ms; audit sync = {sync}{note}",
             us50 <= 1000,
         ),
         Result(
