@@ -17,11 +17,13 @@ Measured, direct and through-the-gateway runs interleaved, medians over runs:
   GET (its record overlaps the upstream call; the response waits for it to be durable) and for
   a POST (its record must be durable before the upstream sees it);
 * requests/s at concurrency 32 (GET);
-* the upstream client alone, per keep-alive call against the same upstream: aiohttp (what the
-  gateway uses) and httpx (what the LLM gateway uses).
+* the upstream client alone, per keep-alive call against the same upstream: h1 (what the
+  gateway uses, ``tether.gateways.h1``) and aiohttp (what it used before).
 
     python -m bench http                  # via the runner
     python -m bench.bench_http [--quick]  # standalone
+    TETHER_BENCH_AUDIT_SYNC=commit python -m bench.bench_http   # [audit] sync (default: the
+                                                                # data dir's default)
 """
 
 from __future__ import annotations
@@ -118,12 +120,18 @@ def upstream_process(port: int) -> int:
 def gateway_process(home: str, port: int, upstream: str, memory: bool = False) -> int:
     import uvicorn
 
+    from tether.config import DataDir
     from tether.events import MemoryRecorder
     from tether.server.serve import build_server_app
     from tether.server.services import Services, init_data_dir
 
     root = Path(home)
     init_data_dir(root, "bench.test")
+    sync = os.environ.get("TETHER_BENCH_AUDIT_SYNC")
+    if sync:
+        cfg = DataDir(root).load_config()
+        cfg.audit_sync = sync
+        DataDir(root).write_config(cfg)
     with (root / "config.toml").open("a") as f:
         f.write(
             "\n[http.services.crm]\n"
@@ -152,7 +160,7 @@ def gateway_process(home: str, port: int, upstream: str, memory: bool = False) -
         proxy_headers=False,
     )
     server = uvicorn.Server(config)
-    print(json.dumps({"token": token}), flush=True)
+    print(json.dumps({"token": token, "sync": services.config.audit_sync}), flush=True)
 
     async def run() -> None:
         try:
@@ -269,20 +277,23 @@ def client_process(spec_json: str) -> int:
 
 async def _clients_alone(base: str, n: int) -> dict[str, float]:
     import aiohttp
-    import httpx
+
+    from tether.gateways.h1 import HttpClient
 
     url = base + "/api/customers/42"
     out: dict[str, float] = {}
-    async with httpx.AsyncClient() as hc:
+    client = HttpClient()
+    try:
         for _ in range(200):
-            await hc.get(url)
+            await (await client.request("GET", url)).aread()
         lat = []
         for _ in range(n):
             t = time.perf_counter()
-            r = await hc.get(url)
-            await r.aread()
+            await (await client.request("GET", url)).aread()
             lat.append(time.perf_counter() - t)
-        out["httpx"] = statistics.median(lat)
+        out["h1"] = statistics.median(lat)
+    finally:
+        await client.aclose()
     async with aiohttp.ClientSession(auto_decompress=False) as s:
         for _ in range(200):
             async with s.get(url) as r:
@@ -341,7 +352,7 @@ def _upstream() -> Iterator[int]:
 
 
 @contextmanager
-def _gateway(upstream_port: int, memory: bool = False) -> Iterator[tuple[int, str]]:
+def _gateway(upstream_port: int, memory: bool = False) -> Iterator[tuple[int, str, str]]:
     with tempfile.TemporaryDirectory(prefix="tether-bench-http-") as tmp:
         port = _free_port()
         log = (Path(tmp) / "gateway.log").open("wb")
@@ -366,9 +377,10 @@ def _gateway(upstream_port: int, memory: bool = False) -> Iterator[tuple[int, st
             if not line:
                 proc.wait(30)
                 raise RuntimeError((Path(tmp) / "gateway.log").read_text()[-2000:])
-            token = json.loads(line)["token"]
+            hello = json.loads(line)
+            token, sync = hello["token"], str(hello.get("sync", "?"))
             _wait_port(port, proc, 60)
-            yield port, token
+            yield port, token, sync
         finally:
             _stop(proc)
             log.close()
@@ -415,7 +427,11 @@ def bench(quick: bool = False) -> list[Result]:
 
     names = ("direct_get", "gw_get", "mem_get", "direct_post", "gw_post")
     figs = {k: Figures() for k in names}
-    with _upstream() as up, _gateway(up) as (gw, token), _gateway(up, True) as (mem, mtoken):
+    with (
+        _upstream() as up,
+        _gateway(up) as (gw, token, sync),
+        _gateway(up, True) as (mem, mtoken, _),
+    ):
         base = f"http://127.0.0.1:{up}"
         common = {"concurrency": 1, "total": plan.lat_n, "warmup": max(50, plan.lat_n // 10)}
         get = {"method": "GET", "body": ""}
@@ -456,7 +472,8 @@ def bench(quick: bool = False) -> list[Result]:
             "us",
             "<= 1,000 us",
             f"direct {d.med('p50') * 1e3:.3f} ms, gateway {g.med('p50') * 1e3:.3f} ms; "
-            f"with an in-memory recorder instead of the audit log: +{addm50:,.0f} us",
+            f"with an in-memory recorder instead of the audit log: +{addm50:,.0f} us; "
+            f"audit sync = {sync}",
             add50 <= 1000,
         ),
         Result(
@@ -489,11 +506,11 @@ def bench(quick: bool = False) -> list[Result]:
         ),
         Result(
             "http",
-            "upstream client alone, keep-alive GET, c=1, p50 (aiohttp, used here)",
-            alone["aiohttp"] * us,
+            "upstream client alone, keep-alive GET, c=1, p50 (h1, used here)",
+            alone["h1"] * us,
             "us",
             "",
-            f"httpx {alone['httpx'] * us:,.0f} us, same upstream, same process",
+            f"aiohttp {alone['aiohttp'] * us:,.0f} us, same upstream, same process",
         ),
     ]
 
