@@ -281,6 +281,10 @@ class HttpTarget:
         default_port = self.port == (443 if self.tls else 80)
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
+        # What follows the method in every request head, up to the body's length.
+        self._line = (
+            f" {self.path} HTTP/1.1\r\nhost: {self.host_header}\r\ncontent-length: ".encode()
+        )
         self.max_response_bytes = max_response_bytes
         self.connect_timeout = connect_timeout
         self._idle: deque[_Conn] = deque()
@@ -365,16 +369,7 @@ class HttpTarget:
         ex = _Exchange(want, self.max_response_bytes, done)
         conn.ex = ex
         conn.used = True
-        head = [
-            method,
-            b" ",
-            self.path.encode(),
-            b" HTTP/1.1\r\nhost: ",
-            self.host_header.encode(),
-            b"\r\ncontent-length: ",
-            str(len(body)).encode(),
-            b"\r\n",
-        ]
+        head = [method, self._line, str(len(body)).encode(), b"\r\n"]
         for k, v in headers:
             head += [k, b": ", v, b"\r\n"]
         head.append(b"\r\n")

@@ -431,13 +431,6 @@ class MCPGateway:
 
     async def _body(self, headers: Mapping[bytes, bytes], receive: Receive) -> bytes:
         limit = self.settings.max_message_bytes
-        too_big = RpcError(
-            rpc.INVALID_REQUEST,
-            f"message larger than {limit} bytes",
-            "message_too_large",
-            413,
-            {"limit": limit},
-        )
         cl = headers.get(b"content-length")
         if cl is not None:
             try:
@@ -447,7 +440,7 @@ class MCPGateway:
                     rpc.INVALID_REQUEST, "invalid Content-Length", "invalid_request", 400
                 ) from None
             if n > limit:
-                raise too_big
+                raise _too_big(limit)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -458,7 +451,7 @@ class MCPGateway:
             if data:
                 size += len(data)
                 if size > limit:
-                    raise too_big
+                    raise _too_big(limit)
                 chunks.append(data)
             if not m.get("more_body", False):
                 break
@@ -1238,6 +1231,16 @@ class MCPGateway:
                 },
             )
         )
+
+
+def _too_big(limit: int) -> RpcError:
+    return RpcError(
+        rpc.INVALID_REQUEST,
+        f"message larger than {limit} bytes",
+        "message_too_large",
+        413,
+        {"limit": limit},
+    )
 
 
 async def _inspected(check: Awaitable[Finding | None], ins: object) -> Finding | None:
