@@ -521,3 +521,37 @@ async def test_https_upstreams_are_verified_against_the_system_trust(
         finally:
             await trusting.aclose()
     assert model.requests[-1].headers["authorization"] == f"Bearer {UPSTREAM_KEY}"
+
+
+NOT_HTTP = {
+    "not_a_status_line": b"HELLO THERE\r\n\r\n",
+    "http_0_9_bytes": b"\x00\x01\x02garbage\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("reply", NOT_HTTP.values(), ids=NOT_HTTP.keys())
+async def test_an_answer_that_is_not_http_is_upstream_garbage(
+    services: Services, ledger: UsageLedger, mint: Callable[..., str], reply: bytes
+) -> None:
+    """The upstream answered, but not in HTTP/1.1: a 502 naming it garbage (not
+    "unreachable", which would send an operator looking at the network), recorded."""
+
+    async def handler(n: int, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await _read_request(r, [])
+        w.write(reply)
+        await w.drain()
+
+    server, base = await _raw_upstream(handler)
+    gw = _gateway(services, ledger, base)
+    try:
+        c, h = await _client(gw, mint())
+        async with h:
+            with pytest.raises(openai.APIStatusError) as e:
+                await c.chat.completions.create(model=MODEL_ID, messages=[USER])
+        assert e.value.status_code == 502 and e.value.code == "upstream_garbage"
+        await gw.drain()
+    finally:
+        await gw.aclose()
+        server.close()
+    last = services.audit.search(type="llm.response")[-1]
+    assert last["data"]["status"] == "upstream_garbage"

@@ -33,6 +33,7 @@ import orjson
 
 from tether.errors import AuthenticationError, RecordFailed, TetherError
 from tether.events import Event, Recorder
+from tether.gateways.h1 import UpstreamProtocolError
 from tether.gateways.llm.config import LLMSettings, Provider, Route
 from tether.gateways.llm.errors import GatewayError, render_error
 from tether.gateways.llm.inspect import Finding, InspectContext, Inspector
@@ -993,6 +994,8 @@ async def _settle_record(record: asyncio.Future[Any]) -> None:
 def _transport_error(e: BaseException) -> GatewayError | None:
     if isinstance(e, UpstreamTimeout):
         return GatewayError(504, f"upstream timed out ({e})", "upstream_timeout", retry=True)
+    if isinstance(e, UpstreamProtocolError):  # it answered, but not with valid HTTP/1.1
+        return GatewayError(502, f"upstream sent an invalid response ({e})", "upstream_garbage")
     if isinstance(e, UpstreamFailed):
         return GatewayError(502, f"upstream unreachable ({e})", "upstream_unreachable", retry=True)
     if isinstance(e, asyncio.CancelledError):
