@@ -44,9 +44,15 @@ NAMES = ("a1", "a2", "a3")
 GROUPS = ("g1", "g2", "g3")
 LABELS = ("l1", "l2")
 TASKS = ("", "t1", "t2")
-MODELS = ("gpt-4o", "gpt-4o-mini", "claude")
+SHARED = "shared"  # one resource id for several action types
+MODELS = ("gpt-4o", "gpt-4o-mini", "claude", SHARED)
+GRANT_SETS = (
+    ("model:gpt-4o*", "tool:search.*", "http:*"),
+    ("model:*", "tool:db.*", "egress:*"),
+    (),
+)
 EFFECTS = ("db.schema_change", "mail.send")
-TOOLS = ("db.add_index", "search.web")
+TOOLS = ("db.add_index", "search.web", SHARED)
 SERVICES = ("billing/invoices/1", "crm/x")
 DOMAINS = ("api.github.com:443", "example.com:80")
 TYPE_OF = {"agent": "Agent", "user": "User", "beam": "Beam", "service": "Service"}
@@ -75,6 +81,7 @@ def claims(
     labels: tuple[str, ...] = (),
     task: str = "",
     depth: int = 1,
+    grants: int = 0,
 ) -> TokenClaims:
     chain = tuple(SpiffeId.parse(spiffe("user", f"root{i}")) for i in range(depth))
     return TokenClaims(
@@ -84,10 +91,10 @@ def claims(
         issued_at=0,
         not_before=0,
         expires_at=2**40,
-        token_id=f"{kind}-{name}-{depth}-{task}-{'.'.join(labels)}".ljust(32, "x"),
+        token_id=f"{kind}-{name}-{depth}-{task}-{'.'.join(labels)}-{grants}".ljust(32, "x"),
         grantors=chain,
         chain_jti=tuple(f"j{i}" for i in range(depth)),
-        grants=parse_grants(("model:gpt-4o*", "tool:search.*", "http:*")),
+        grants=parse_grants(GRANT_SETS[grants]),
         task=task or None,
         labels=labels,
     )
@@ -182,7 +189,7 @@ def _action_and_resource(rng: random.Random) -> tuple[str, str]:
         )
         return action, resource
     rtype = RESOURCE_TYPE[atype]
-    rid = rng.choice(RESOURCES.get(atype, ("b1", "b2")))
+    rid = rng.choice(RESOURCES.get(atype, ("b1", "b2", SHARED)))
     resource = rng.choice(
         [
             "resource",
@@ -269,6 +276,7 @@ def generated_requests(rng: random.Random, n: int) -> Iterator[Request]:
             labels=tuple(sorted(rng.sample(LABELS, rng.randint(0, 2)))),
             task=rng.choice(TASKS),
             depth=rng.randint(0, 2),
+            grants=rng.randrange(len(GRANT_SETS)),
         )
         groups = frozenset(rng.sample(GROUPS, rng.randint(0, 2)))
         atype = rng.choice(ACTION_TYPES)
@@ -277,7 +285,7 @@ def generated_requests(rng: random.Random, n: int) -> Iterator[Request]:
             k, nm = (kind, name) if rng.random() < 0.4 else (rng.choice(KINDS), rng.choice(NAMES))
             resource = spiffe(k, nm)
         else:
-            resource = rng.choice(RESOURCES.get(atype, ("b1", "b2")))
+            resource = rng.choice(RESOURCES.get(atype, ("b1", "b2", SHARED)))
         ctx: dict[str, Any] = {}
         if rng.random() < 0.6:
             ctx["max_tokens"] = rng.choice((5, 100, 1000))
@@ -285,6 +293,11 @@ def generated_requests(rng: random.Random, n: int) -> Iterator[Request]:
             ctx["stream"] = rng.random() < 0.5
         if rng.random() < 0.3:
             ctx["tools"] = rng.sample(TOOLS, rng.randint(0, 2))
+        roll = rng.random()
+        if roll < 0.15:  # what the core passes when a just-in-time grant covers it
+            ctx.update(granted=True, granted_by="jit")
+        elif roll < 0.25:  # a caller that decided the grant itself
+            ctx["granted"] = True
         effects = {e: 1 for e in EFFECTS if rng.random() < 0.25}  # the engine adds context.effects
         cost = Cost(tokens=rng.choice((0, 0, 40, 4000)))  # ... and context.estimated_tokens
         yield Request(Action(atype, who, resource, context=ctx, effects=effects, cost=cost), groups)
@@ -717,3 +730,22 @@ def test_loaded_policies_carry_a_slicer_per_action() -> None:
     loaded: LoadedPolicies = load_policies([PolicySource("t.cedar", GRANTS)])
     assert set(loaded.slicers) == set(ACTION_TYPES)
     assert len(loaded.slicers["llm.invoke"]) == 1 and len(loaded.slicers["tool.call"]) == 0
+
+
+def test_many_principals_share_one_kept_set_and_the_key_cache_stays_bounded() -> None:
+    loaded = load_policies([PolicySource("t.cedar", "\n".join([GRANTS, *_group_forbids(5)]))])
+    whole = loaded.by_action["llm.invoke"]
+    tree = whole.to_pst().static_policies
+    order = {pid: int(pid.removeprefix("policy")) for pid in tree}
+    slicer = PolicySlicer(whole, tree, order, key_cache_size=50)
+    ctx = {"granted": True, "hour": 1}
+    kept = [
+        slicer.kept(
+            ("Tether::Agent", spiffe("agent", f"x{i}"), frozenset({"swarm"}), "Tether::Model", "m"),
+            ctx,
+        )
+        for i in range(200)
+    ]
+    assert all(k is kept[0] for k in kept[:50])  # one object, not one per principal
+    assert all(k == kept[0] for k in kept) and len(kept[0]) == 1  # the grants permit
+    assert len(slicer._keys) <= 50

@@ -272,7 +272,7 @@ class LoadedPolicies:
     by_cedar_id: Mapping[str, PolicyInfo]
     version: str
     sources: tuple[str, ...]
-    slicers: Mapping[str, PolicySlicer] = field(default_factory=dict)
+    slicers: Mapping[str, PolicySlicer]
     _mirror: dict[str, cedarpy.PolicySet] = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -449,6 +449,7 @@ class PolicySlicer:
         self._held = 0
         self._budget = policy_budget
         self._seen: set[frozenset[str]] = set()
+        self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._lock = threading.Lock()
         self.built = 0  # parsed slices (for tests and the bench)
 
@@ -489,6 +490,10 @@ class PolicySlicer:
             can -= self._guards[attr]
         kept = self._all if len(self._all) - len(can) < MIN_DROPPED else frozenset(can)
         with self._lock:
+            # one object per distinct kept set, however many keys share it (a group's agents)
+            if len(self._interned) >= self._key_cache_size:
+                self._interned.clear()
+            kept = self._interned.setdefault(kept, kept)
             self._keys[(key, missing)] = kept
             if len(self._keys) > self._key_cache_size:
                 self._keys.popitem(last=False)
@@ -878,6 +883,7 @@ class PolicyEngine:
         self._entities = _make_entities_cache(entity_cache_size)
         self._verdicts: OrderedDict[_VerdictKey, Verdict] = OrderedDict()
         self._verdicts_max = entity_cache_size
+        self._shapes: OrderedDict[tuple[Any, ...], Verdict] = OrderedDict()
         self.last_error: PolicyError | None = None
         self.reloads = 0
         self._fp = _fingerprint(policy_dir)
@@ -988,7 +994,7 @@ class PolicyEngine:
             response: dict[str, Any] = orjson.loads(
                 _cedar.is_authorized(request, policy_set, entities, None, False)
             )
-            verdict = self._verdict(loaded, action, response)
+            verdict = self._verdict_of(loaded, action, response)
             self._remember(memo, verdict)
             return verdict
         except Exception as e:  # fail closed
@@ -1066,6 +1072,33 @@ class PolicyEngine:
             "context": orjson.dumps(ctx).decode(),
         }
         return request, entities, key, ctx
+
+    def _verdict_of(
+        self, loaded: LoadedPolicies, action: Action, response: dict[str, Any]
+    ) -> Verdict:
+        """:meth:`_verdict`, reused across requests with the same Cedar outcome: most
+        decisions differ in their context, not in which policies were satisfied. The key
+        holds everything :meth:`_verdict` reads."""
+        diag = response.get("diagnostics") or {}
+        shape = (
+            loaded.version,
+            response.get("decision"),
+            tuple(diag.get("reason", ())),
+            tuple(diag.get("errors") or ()),
+            action.type,
+            action.resource,
+            action.principal.grants,  # the permit reason names the matching grant
+            action.context.get("granted_by"),
+        )
+        cache = self._shapes
+        got = cache.get(shape)
+        if got is None:
+            got = self._verdict(loaded, action, response)
+            if len(cache) >= self._verdicts_max:
+                with contextlib.suppress(KeyError):  # another thread emptied it
+                    cache.popitem(last=False)
+            cache[shape] = got
+        return got
 
     def _verdict(self, loaded: LoadedPolicies, action: Action, response: dict[str, Any]) -> Verdict:
         diag = response.get("diagnostics") or {}
