@@ -61,6 +61,18 @@ class Recorder(Protocol):
         ...
 
 
+def submit(recorder: Recorder, event: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
+    """Start making ``event`` durable from the running loop; the future settles when it is
+    (or fails with RecordFailed). The audit log's own ``submit`` gives a plain future (no
+    task) and honours ``lazy`` (a record nobody waits on shares the next commit); any other
+    recorder is awaited in a task."""
+    start = getattr(recorder, "submit", None)
+    if start is not None:
+        fut: asyncio.Future[Any] = start(event, lazy=lazy)
+        return fut
+    return asyncio.ensure_future(recorder.arecord(event))
+
+
 class MemoryRecorder:
     """In-memory recorder for unit tests. ``fail`` makes every record raise (fail-closed tests)."""
 

@@ -39,7 +39,7 @@ from typing import Any
 from urllib.parse import quote
 
 from tether.errors import AuthenticationError, RecordFailed, TetherError
-from tether.events import Event, Recorder
+from tether.events import Event, Recorder, submit
 from tether.gateways.http.config import METHODS, HTTPSettings, Rule, Service
 from tether.gateways.http.errors import HTTPGatewayError, render_error
 from tether.gateways.http.headers import Inbound, Scrubber, inbound, outbound, record_headers
@@ -454,16 +454,6 @@ class HTTPGateway:
                 bodies["response"] = capture.body()
         return doc, bodies
 
-    def _submit(self, ev: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
-        """Start making ``ev`` durable; the future settles once it is (or fails). The audit
-        log's ``submit`` gives a plain future (no task); ``lazy`` for records nobody waits
-        on, which then share the next commit instead of taking one of their own."""
-        submit = getattr(self.audit, "submit", None)
-        if submit is not None:
-            fut: asyncio.Future[Any] = submit(ev, lazy=lazy)
-            return fut
-        return asyncio.ensure_future(self.audit.arecord(ev))
-
     async def _durable(self, call: _Call, record: asyncio.Future[Any]) -> None:
         try:
             await record
@@ -500,7 +490,7 @@ class HTTPGateway:
                 data={"request_id": call.rid, "service": call.service.name, "response": doc},
                 bodies=bodies,
             )
-            fut = self._submit(dataclasses.replace(ev, type="http.response"), lazy=True)
+            fut = submit(self.audit, dataclasses.replace(ev, type="http.response"), lazy=True)
         except Exception as e:
             log.error("recording an HTTP response failed: %s", type(e).__name__)
             return
@@ -521,13 +511,14 @@ class HTTPGateway:
         """One record for a safe request and its whole response (queued; await it)."""
         data, bodies = request
         doc, rbodies = response
-        return self._submit(
+        return submit(
+            self.audit,
             DecisionCore.event(
                 call.action,
                 call.decision,
                 data={**data, "response": doc},
                 bodies={**bodies, **rbodies},
-            )
+            ),
         )
 
     # -- forwarding -----------------------------------------------------------------------------
@@ -557,10 +548,11 @@ class HTTPGateway:
         if not safe:  # a side effect upstream needs its record first
             await self._durable(
                 call,
-                self._submit(
+                submit(
+                    self.audit,
                     DecisionCore.event(
                         call.action, call.decision, data=request[0], bodies=request[1]
-                    )
+                    ),
                 ),
             )
         headers = [*inb.forward, *extra]
@@ -670,10 +662,11 @@ class HTTPGateway:
         if request is not None:
             await self._durable(
                 call,
-                self._submit(
+                submit(
+                    self.audit,
                     DecisionCore.event(
                         call.action, call.decision, data=request[0], bodies=request[1]
-                    )
+                    ),
                 ),
             )
         await out(start)

@@ -32,7 +32,7 @@ import httpx
 import orjson
 
 from tether.errors import AuthenticationError, RecordFailed, TetherError
-from tether.events import Event, Recorder
+from tether.events import Event, Recorder, submit
 from tether.gateways.h1 import UpstreamProtocolError
 from tether.gateways.llm.config import LLMSettings, Provider, Route
 from tether.gateways.llm.errors import GatewayError, render_error
@@ -456,7 +456,8 @@ class LLMGateway:
             sent,
             time.perf_counter(),
         )
-        record = self._start_record(
+        record = submit(
+            self.audit,
             DecisionCore.event(
                 action,
                 decision,
@@ -468,7 +469,7 @@ class LLMGateway:
                     "stream": req.stream,
                 },
                 bodies={"request": sent},
-            )
+            ),
         )
         if req.stream:
             await self._stream(call, headers, record, receive, send)
@@ -597,7 +598,7 @@ class LLMGateway:
                 "reason": f.reason,
             },
         )
-        fut = self._start_record(ev, lazy=True)
+        fut = submit(self.audit, ev, lazy=True)
         self._background.add(fut)
         fut.add_done_callback(self._recorded)
 
@@ -701,7 +702,7 @@ class LLMGateway:
         # The agent already has the response (fail-closed applied to the request record,
         # which was durable before the first byte went out). Recording the response must not
         # hold the connection: a keep-alive client's next request would queue behind it.
-        fut = self._start_record(dataclasses.replace(ev, type="llm.response"), lazy=True)
+        fut = submit(self.audit, dataclasses.replace(ev, type="llm.response"), lazy=True)
         self._background.add(fut)
         fut.add_done_callback(self._recorded)
 
@@ -711,15 +712,6 @@ class LLMGateway:
         e = None if fut.cancelled() else fut.exception()
         if e is not None:
             log.error("recording an LLM event in the background failed: %s", type(e).__name__)
-
-    def _start_record(self, ev: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
-        """Start making ``ev`` durable; the returned future settles when it is (or fails).
-        ``lazy`` for records nobody waits on: they ride along with the next commit."""
-        submit = getattr(self.audit, "submit", None)
-        if submit is not None:  # the audit log: a plain future, no task per record
-            fut: asyncio.Future[Any] = submit(ev, lazy=lazy)
-            return fut
-        return asyncio.ensure_future(self.audit.arecord(ev))
 
     def _rid(self) -> str:
         return f"req_{self._rid_prefix}{next(self._rid_seq):014x}"

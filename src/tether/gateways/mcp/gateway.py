@@ -34,7 +34,7 @@ import tether
 from tether.audit.canonical import canonical_json
 from tether.clock import Clock, SystemClock
 from tether.errors import AuthenticationError, TetherError
-from tether.events import Event, Recorder
+from tether.events import Event, Recorder, submit
 from tether.gateways.mcp import jsonrpc as rpc
 from tether.gateways.mcp.config import MCPSettings, ServerConfig
 from tether.gateways.mcp.inspect import Finding, ToolContext, ToolInspector
@@ -250,21 +250,11 @@ class MCPGateway:
 
     # -- records --------------------------------------------------------------------------
 
-    def _start_record(self, ev: Event, *, lazy: bool = False) -> asyncio.Future[Any]:
-        """Start making ``ev`` durable; the future settles once it is (or fails). The audit
-        log's ``submit`` gives a plain future (no task); ``lazy`` for records nobody waits
-        on, which then share the next commit instead of taking one of their own."""
-        submit = getattr(self.audit, "submit", None)
-        if submit is not None:
-            fut: asyncio.Future[Any] = submit(ev, lazy=lazy)
-            return fut
-        return asyncio.ensure_future(self.audit.arecord(ev))
-
     def _record_later(self, ev: Event) -> None:
         """Record ``ev`` without holding anyone: the agent has its answer already, and for a
         tool call the call's own record was durable before the upstream saw it. Lazy, so at
         concurrency 1 the next call's must-wait record does not queue behind its commit."""
-        fut = self._start_record(ev, lazy=True)
+        fut = submit(self.audit, ev, lazy=True)
         self._background[fut] = ev.type
         fut.add_done_callback(self._recorded)
 
@@ -999,10 +989,10 @@ class MCPGateway:
             if isinstance(meta, dict):
                 params["_meta"] = meta
             if server.record_first:
-                await self._durable(self._start_record(event))
+                await self._durable(submit(self.audit, event))
                 answer = await self._upcall(server, sess, "tools/call", params)
             else:
-                record = self._start_record(event)
+                record = submit(self.audit, event)
                 try:
                     answer = await self._upcall(server, sess, "tools/call", params)
                 finally:
