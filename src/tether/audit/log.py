@@ -494,7 +494,6 @@ class AuditLog:
         # seen when it last drained the queue: a difference means someone is waiting.
         self._urgent = 0
         self._urgent_seen = 0
-        self._lazy_armed = False  # the writer's wait is already bounded for queued lazy events
         self._expect = 0  # events the last batch had: how many to linger for
         self._stopped = False  # the writer has exited: nothing queued will be taken
         self._indexer: threading.Thread | None = None
@@ -549,7 +548,6 @@ class AuditLog:
         self._wake = threading.Event()
         self._idle = False
         self._urgent = self._urgent_seen = 0
-        self._lazy_armed = False
         self._commit_lock = threading.Lock()
         self._trim_conn = None
         self._pending = collections.deque()
@@ -959,9 +957,8 @@ class AuditLog:
         self._queue.append((event, _now_ms(self._clock) if time_ms is None else time_ms, waiter))
         # Pairs with _next_batch: it sets _idle, then looks at the queue; we append, then look
         # at _idle. Under the GIL one of the two sees the other, so no event is left unseen.
-        if lazy:
-            pass  # nobody waits on it: the caller's loop nudges the writer after LAZY_DELAY
-        else:
+        # A lazy event wakes nobody: the caller's loop nudges the writer after LAZY_DELAY.
+        if not lazy:
             # After the append: the writer reads it before draining. Not atomic across threads;
             # a lost bump at worst leaves an event to the LAZY_DELAY bound, never unseen.
             self._urgent += 1
@@ -1132,7 +1129,6 @@ class AuditLog:
                     break  # someone waits
                 if lazy_deadline is None:  # only lazy events: give them a little while
                     lazy_deadline = time.monotonic() + LAZY_DELAY
-                    self._lazy_armed = True
             timeout = self._checkpoint_wait()
             if timeout is not None and timeout <= 0:
                 break  # a checkpoint is due: commit what is queued (if anything) first
@@ -1143,7 +1139,6 @@ class AuditLog:
                 timeout = left if timeout is None else min(timeout, left)
             self._wake.wait(timeout)
         self._idle = False
-        self._lazy_armed = False
         self._urgent_seen = self._urgent  # read before draining: nothing counted is left behind
         if not queue:
             return []
@@ -1290,6 +1285,7 @@ class AuditLog:
             self._fsync_files()
         note = sign_checkpoint(Checkpoint(self.origin, size, root), signer)
         with self._commit_lock:
+            self._cp_due = time.monotonic() + self._interval  # the next one, stored or not
             try:
                 conn.execute(
                     "INSERT OR REPLACE INTO checkpoints (size, time_ms, note) VALUES (?, ?, ?)",
@@ -1297,10 +1293,8 @@ class AuditLog:
                 )
             except sqlite3.Error as e:
                 log.error("audit checkpoint at size %d could not be stored: %s", size, e)
-                self._cp_due = time.monotonic() + self._interval
                 return
             self._cp_size, self._cp_note = size, note
-            self._cp_due = time.monotonic() + self._interval
 
     def _trim_wal(self) -> None:
         """Copy the WAL back into the database once it is big, on the writer thread and its
