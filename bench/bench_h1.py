@@ -1,6 +1,6 @@
 """The gateways' HTTP/1.1 client (``tether.gateways.h1``) against aiohttp, set up the way the
-LLM gateway used it before (``gateways/pool.py``'s shared session), and a raw keep-alive socket
-with precomputed request bytes (the floor), all against the same local upstream.
+LLM gateway used it before (no cookie jar, nothing from the environment), and a raw keep-alive
+socket with precomputed request bytes (the floor), all against the same local upstream.
 
 The upstream is the bundled scripted model in its own process (uvicorn + httptools + uvloop,
 as ``bench_llm`` starts it). The clients run in this process on uvloop, one at a time, their
@@ -33,7 +33,6 @@ import uvloop
 from bench._table import Result
 from bench.bench_llm import BODY, _upstream
 from tether.gateways.h1 import HttpClient
-from tether.gateways.pool import shared_session
 
 PAYLOAD = json.dumps(BODY, separators=(",", ":")).encode()
 HEADERS = {
@@ -80,9 +79,14 @@ class _Aiohttp(_Setup):
     name = "aiohttp"
 
     async def open(self, url: str) -> Call:
-        self.session = session = shared_session(
-            aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=30.0),
+        # Set up as the gateways had it: no cookie jar, nothing from the environment.
+        self.session = session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=256, limit_per_host=0, keepalive_timeout=30.0),
             timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=600.0),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            skip_auto_headers=("User-Agent",),
+            raise_for_status=False,
         )
 
         async def call() -> int:
