@@ -15,9 +15,12 @@ Rows per set, each p50 and p99 over single calls:
 
 * verdict-cache hit: the same action again (what a retried call costs; not a real decision);
 * verdict miss, cached entities: four principals recurring, the context different on every
-  call (``max_tokens = i``), so Cedar evaluates every time: the realistic decision, and the
-  one the issue's target (p50 <= 50 us with 100 policies loaded) is judged on, on the spread
-  set (the same target shown on the worst case says how far that is);
+  call in an attribute policies read (``estimated_tokens``), so Cedar evaluates every time:
+  the realistic decision, and the one the issue's target (p50 <= 50 us with 100 policies
+  loaded) is judged on, on the spread set (the same target shown on the worst case says how
+  far that is);
+* context new only in attributes no policy reads (``max_tokens``): the engine hands Cedar only
+  the attributes the policies read, so such a decision reuses the verdict (exact);
 * cold entities: a new principal (and token) every call, so the entity set is built and
   parsed too.
 
@@ -195,26 +198,35 @@ def _raw(engine: PolicyEngine, action: Action) -> Callable[[], object]:
 
 
 def _evaluated(engine: PolicyEngine, action: Action) -> str:
-    """How many policies Cedar is handed for the recurring principals' decision."""
+    """How many policies, and which context attributes, Cedar is handed for the recurring
+    principals' decision once their plan is settled."""
     total = len(engine.loaded.by_action[action.type])
-    slicers = getattr(engine.loaded, "slicers", None)
-    if not slicers:  # the engine before slicing
-        return f"Cedar evaluates all {total} {action.type} policies"
-    _, _, key, ctx = engine._request_parts(action, GROUPS, None)
-    kept = len(slicers[action.type].kept((key[0], key[1], key[6], key[7], key[8]), ctx))
-    return f"Cedar evaluates {kept} of {total} {action.type} policies"
+    for i in range(3):  # whole set, then the slice, then the settled plan
+        engine.authorize(_llm(action.principal, action.resource, 90_001 + i), GROUPS)
+    key, ctx = engine._key_and_context(action, GROUPS, None)
+    entities, uids = engine._entities(key)
+    request = {**uids, "action": {"type": "Tether::Action", "id": action.type}}
+    plan = engine.loaded.slicers[action.type].plan(key, ctx, request, entities)
+    reads = "all" if plan.reads is None else ", ".join(plan.reads)
+    return (
+        f"Cedar evaluates {len(plan.policy_set)} of {total} {action.type} policies; "
+        f"context: {reads}"
+    )
 
 
-def _llm(claims: TokenClaims, model: str, i: int) -> Action:
+def _llm(claims: TokenClaims, model: str, i: int, *, unread: bool = False) -> Action:
     """An llm.invoke as the LLM gateway builds it (the context keys it sends, the estimate
-    as the cost); ``i`` makes the context, and so the verdict, new."""
+    as the cost). ``i`` makes the decision new: it sets ``estimated_tokens``, which the
+    sets' context forbids read, so Cedar must evaluate again; with ``unread`` only
+    ``max_tokens`` changes, which no policy reads (the engine reuses the verdict)."""
+    est = 300 if unread else 1 + i % 90_000  # always under the forbids' 100,000
     return Action(
         "llm.invoke",
         claims,
         model,
         arguments={"model": model, "tools": []},
-        context={"max_tokens": i, "stream": False, "tools": [], "estimated_tokens": 300},
-        cost=Cost(tokens=300),
+        context={"max_tokens": i, "stream": False, "tools": [], "estimated_tokens": est},
+        cost=Cost(tokens=est),
     )
 
 
@@ -262,6 +274,16 @@ def _engine_rows(label: str, engine: PolicyEngine, counter: _Counter, target: st
         acts = iter([_llm(recurring[i % RECURRING], "gpt-4o", base + i) for i in range(n + WARM)])
         return lambda: engine.authorize(next(acts), GROUPS)
 
+    def unread(n: int) -> Callable[[], object]:
+        base = counter.take(n + WARM)
+        acts = iter(
+            [
+                _llm(recurring[i % RECURRING], "gpt-4o", base + i, unread=True)
+                for i in range(n + WARM)
+            ]
+        )
+        return lambda: engine.authorize(next(acts), GROUPS)
+
     def cold(n: int) -> Callable[[], object]:
         base = counter.take(n + WARM)
         acts = iter(
@@ -292,6 +314,11 @@ def _engine_rows(label: str, engine: PolicyEngine, counter: _Counter, target: st
             raw,
             target=target,
             note=_evaluated(engine, first),
+        ),
+        _Row(
+            f"{label}, context new only in attributes no policy reads (verdict reused)",
+            unread,
+            raw,
         ),
         _Row(f"{label}, verdict miss, cold entities (new principal each call)", cold, raw),
     ]

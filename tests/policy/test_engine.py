@@ -641,10 +641,11 @@ def test_a_repeated_decision_is_reused_until_the_policies_change(pdir: Path) -> 
     calls = 0
     real = engine_mod._cedar.is_authorized
 
-    def counting(*a: object) -> object:
+    def counting(request: dict[str, object], *a: object) -> object:
         nonlocal calls
-        calls += 1
-        return real(*a)
+        # decisions, not the calls that settle the policies reading no context (context {})
+        calls += request["context"] != "{}"
+        return real(request, *a)
 
     engine_mod._cedar.is_authorized = counting  # type: ignore[assignment]
     try:
@@ -652,11 +653,24 @@ def test_a_repeated_decision_is_reused_until_the_policies_change(pdir: Path) -> 
         assert e.authorize(act(), NONE) == first and first.outcome == "allow"
         assert calls == 1  # the same principal, resource and context: Cedar ran once
         assert e.authorize(act(context={"max_tokens": 5}), NONE).outcome == "allow"
-        assert calls == 2  # another context is another decision
+        assert calls == 1  # no policy reads max_tokens: the same decision
         forbid = 'forbid (principal, action, resource == Tether::Model::"gpt-4o");\n'
         write(pdir, "10-no.cedar", forbid)
         assert e.authorize(act(), NONE).outcome == "deny"  # a reload is never served stale
-        assert calls == 3
+        assert calls == 2
+        cap = (
+            'forbid (principal, action, resource == Tether::Model::"gpt-4o-mini") '
+            "when { context has max_tokens && context.max_tokens > 100 };\n"
+        )
+        write(pdir, "20-cap.cedar", cap)
+        small = e.authorize(act(resource="gpt-4o-mini", context={"max_tokens": 5}), NONE)
+        assert small.outcome == "allow" and calls == 3
+        big = e.authorize(act(resource="gpt-4o-mini", context={"max_tokens": 500}), NONE)
+        assert big.outcome == "deny" and calls == 4  # a context a policy reads: decided again
+        again = e.authorize(
+            act(resource="gpt-4o-mini", context={"max_tokens": 5, "stream": True}), NONE
+        )
+        assert again == small and calls == 4  # differs only in what no policy reads
     finally:
         engine_mod._cedar.is_authorized = real  # type: ignore[assignment]
 

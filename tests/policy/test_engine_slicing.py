@@ -309,7 +309,7 @@ def generated_requests(rng: random.Random, n: int) -> Iterator[Request]:
 @pytest.mark.parametrize("seed", range(8))
 def test_sliced_decisions_equal_whole_set_decisions(seed: int) -> None:
     rng = random.Random(seed)
-    checked = sliced = 0
+    checked = sliced = settled = 0
     outcomes: set[str] = set()
     parsed: dict[tuple[int, frozenset[str]], Any] = {}
     for _ in range(10):
@@ -332,14 +332,25 @@ def test_sliced_decisions_equal_whole_set_decisions(seed: int) -> None:
             assert engine.authorize(again, req.groups) == whole_set_verdict(
                 engine, again, req.groups
             )
+            # ... and a third time, on the settled plan (entity-only policies settled,
+            # the context cut to what the plan's policies read), with a context no decision
+            # has seen (it misses the verdict cache)
+            third = dataclasses.replace(
+                req.action, context={**req.action.context, "max_tokens": 7 + checked}
+            )
+            assert engine.authorize(third, req.groups) == whole_set_verdict(
+                engine, third, req.groups
+            ), (lines, third)
             slicer = engine.loaded.slicers[req.action.type]
+            settled += slicer.settles
             checked += 1
             sliced += len(kept_ids(engine, req.action, req.groups)) < len(slicer)
             outcomes.add(whole.outcome)
             if whole.reasons and "fail closed" in whole.reasons[0]:
                 outcomes.add("fail-closed")
-    # the generator really exercises slicing and every outcome
+    # the generator really exercises slicing, settling and every outcome
     assert sliced > checked // 3, (sliced, checked)
+    assert settled > 0
     assert {"allow", "deny", "escalate"} <= outcomes
 
 
@@ -749,3 +760,78 @@ def test_many_principals_share_one_kept_set_and_the_key_cache_stays_bounded() ->
     assert all(k is kept[0] for k in kept[:50])  # one object, not one per principal
     assert all(k == kept[0] for k in kept) and len(kept[0]) == 1  # the grants permit
     assert len(slicer._keys) <= 50
+
+
+# -- settling policies on the entities alone, and cutting the context --------------------
+
+
+def _plan_of(engine: PolicyEngine, action: Action, groups: frozenset[str]) -> Any:
+    key, ctx = engine._key_and_context(action, groups, None)
+    entities, uids = engine._entities(key)
+    request = {**uids, "action": {"type": "Tether::Action", "id": action.type}}
+    return engine.loaded.slicers[action.type].plan(key, ctx, request, entities)
+
+
+def test_policies_on_the_entities_alone_are_settled_once_per_entity_set() -> None:
+    frozen = [
+        f'@id("frozen-{i}") forbid (principal, action == {LLM}, resource) '
+        f'when {{ principal.labels.contains("f{i}") }};'
+        for i in range(6)
+    ]
+    engine = _engine_of("\n".join([GRANTS, *frozen]))
+    slicer = engine.loaded.slicers["llm.invoke"]
+    calm = claims("agent", "a1", labels=("l1",))
+    hot = claims("agent", "a2", labels=("f3",))
+    none: frozenset[str] = frozenset()
+    for i in range(4):
+        ok = Action("llm.invoke", calm, "gpt-4o", context={"max_tokens": i})
+        assert engine.authorize(ok, none) == whole_set_verdict(engine, ok, none)
+        assert engine.authorize(ok, none).outcome == "allow"
+        bad = Action("llm.invoke", hot, "gpt-4o", context={"max_tokens": i})
+        v = engine.authorize(bad, none)
+        assert v == whole_set_verdict(engine, bad, none)
+        assert v.outcome == "deny" and v.policies == ("frozen-3",)
+    # one Cedar call per entity set, from its second decision on (a one-off pays none)
+    assert slicer.settles == 2
+    once = Action("llm.invoke", claims("agent", "a3"), "gpt-4o")
+    engine.authorize(once, none)
+    assert slicer.settles == 2
+    # Cedar is then handed the grants permit alone, or with the one forbid that holds
+    assert len(_plan_of(engine, Action("llm.invoke", calm, "gpt-4o"), none).policy_set) == 1
+    assert len(_plan_of(engine, Action("llm.invoke", hot, "gpt-4o"), none).policy_set) == 2
+
+
+def test_cedar_is_handed_only_the_context_attributes_the_policies_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tether.policy.engine as engine_mod
+
+    cap = (
+        f'@id("cap") forbid (principal, action == {LLM}, resource) '
+        "when { context has max_tokens && context.max_tokens > 100 };"
+    )
+    odd = [
+        f'@id("odd-{i}") forbid (principal == {OTHER}, action == {LLM}, resource) '
+        f'when {{ {{"c": context}}.c has max_tokens && {{"c": context}}.c.max_tokens > {i} }};'
+        for i in (1000, 2000)
+    ]
+    engine = _engine_of("\n".join([GRANTS, cap, *odd]), clock=lambda: 7200.0)
+    seen: list[dict[str, Any]] = []
+    real = engine_mod._cedar.is_authorized
+
+    def spy(request: dict[str, Any], *a: Any) -> Any:
+        seen.append(orjson.loads(request["context"]))
+        return real(request, *a)
+
+    monkeypatch.setattr(engine_mod._cedar, "is_authorized", spy)
+    ctx = {"max_tokens": 5, "stream": True, "tools": ["x"]}
+    for i in range(3):  # whole set, then the slice, then the settled plan
+        a1 = Action("llm.invoke", claims("agent", "a1"), "gpt-4o", context={**ctx, "n": i})
+        assert engine.authorize(a1, frozenset()).outcome == "allow"
+    assert seen[-1] == {"granted": True, "max_tokens": 5}
+    assert _plan_of(engine, a1, frozenset()).reads == ("granted", "max_tokens")
+    # a policy that uses the context as a whole value: every attribute goes to Cedar
+    a2 = Action("llm.invoke", claims("agent", "a2"), "gpt-4o", context=ctx)
+    assert engine.authorize(a2, frozenset()).outcome == "allow"
+    assert seen[-1] == {"granted": True, "hour": 2, **ctx}
+    assert _plan_of(engine, a2, frozenset()).reads is None

@@ -30,6 +30,7 @@ BUDGET_UNITS = ("tokens", "usd", "requests")
 
 _PATTERN = re.compile(r"^[A-Za-z0-9._:/@+*-]{1,200}$")
 MAX_GRANTS = 64
+_ALLOWS_MEMO = 256  # answers kept per grant set (one token's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +134,10 @@ class Grants:
 
     items: tuple[Grant, ...] = ()
     budget: Budget = field(default_factory=Budget)
+    # allows() answers, per (kind, value): every decision asks, and the set never changes
+    _allows: dict[tuple[str, str], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     @classmethod
     def parse(cls, texts: list[str] | tuple[str, ...]) -> Grants:
@@ -160,7 +165,13 @@ class Grants:
         return out
 
     def allows(self, kind: GrantKind, value: str) -> bool:
-        return any(g.kind == kind and g.matches(value) for g in self.items)
+        memo = self._allows
+        got = memo.get((kind, value))
+        if got is None:
+            got = any(g.kind == kind and g.matches(value) for g in self.items)
+            if len(memo) < _ALLOWS_MEMO:
+                memo[(kind, value)] = got
+        return got
 
     def of_kind(self, kind: GrantKind) -> tuple[Grant, ...]:
         return tuple(g for g in self.items if g.kind == kind)

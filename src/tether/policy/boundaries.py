@@ -208,6 +208,9 @@ def _show_seconds(s: float) -> str:
     return f"{s:g}s"
 
 
+_MATCH_MEMO = 4096  # (action type, resource, groups) answers kept per boundaries file
+
+
 @dataclass(frozen=True)
 class Boundaries:
     """One validated boundaries file. Immutable: a reload builds a new one."""
@@ -219,6 +222,10 @@ class Boundaries:
     source: str = "<empty>"
     digest: str = ""
     limits_by_group: Mapping[str, tuple[LimitDef, ...]] = field(default_factory=dict)
+    # matching() answers: pattern matching per decision would cost more than the rest of it
+    _memo: dict[tuple[str, str, frozenset[str]], tuple[tuple[LimitDef, ...], tuple[str, ...]]] = (
+        field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    )
 
     def __post_init__(self) -> None:
         by: dict[str, list[LimitDef]] = {}
@@ -232,14 +239,38 @@ class Boundaries:
     def current(self) -> Boundaries:
         return self
 
+    def matching(
+        self, action_type: str, resource: str, groups: frozenset[str]
+    ) -> tuple[tuple[LimitDef, ...], tuple[str, ...]]:
+        """The limits of ``groups`` whose ``match`` takes this action, and the configured
+        effect kinds whose matchers match it (remembered, bounded)."""
+        key = (action_type, resource, groups)
+        got = self._memo.get(key)
+        if got is None:
+            lims = tuple(
+                lim
+                for g in sorted(groups)
+                for lim in self.limits_by_group.get(g, ())
+                if lim.applies_to(action_type, resource)
+            )
+            kinds = tuple(
+                kind
+                for kind, matchers in self.effects.items()
+                if any(m.matches(action_type, resource) for m in matchers)
+            )
+            got = (lims, kinds)
+            if len(self._memo) >= _MATCH_MEMO:
+                self._memo.clear()
+            self._memo[key] = got
+        return got
+
     def effects_of(self, action: Action) -> dict[str, int]:
         """The action's effects by kind: the gateway's own counts, plus 1 for each configured
         kind whose matchers match the action. When both name a kind, the larger count is
         taken (they describe the same effect, not two)."""
         out = {k: int(v) for k, v in action.effects.items()}
-        for kind, matchers in self.effects.items():
-            if any(m.matches(action.type, action.resource) for m in matchers):
-                out[kind] = max(out.get(kind, 0), 1)
+        for kind in self.matching(action.type, action.resource, frozenset())[1]:
+            out[kind] = max(out.get(kind, 0), 1)
         return out
 
 

@@ -28,7 +28,6 @@ decisions one monotonic clock read. Any failure inside :meth:`PolicyEngine.autho
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -408,6 +407,50 @@ def _context_guard(tpl: Any) -> str | None:
     return None
 
 
+_WHOLE = "*"  # in a reads set: the condition uses ``context`` as a whole value
+
+
+def _context_reads(tpl: Any) -> frozenset[str]:
+    """The context attributes ``tpl``'s conditions read (``context.X``, ``context has X``,
+    ``context["X"]``), or a set holding ``_WHOLE`` if one uses ``context`` any other way
+    (compared, put in a set or record): then every attribute counts. Scopes never read it."""
+    pst = cedarpy.pst
+    reads: set[str] = set()
+    stack: list[tuple[Any, Any]] = [(c, None) for c in tpl.clauses]
+    while stack:
+        node, parent = stack.pop()
+        if isinstance(node, pst.Var):
+            if node.name != "context":
+                continue
+            if isinstance(parent, pst.GetAttr) and parent.base is node:
+                reads.add(parent.attr)
+            elif isinstance(parent, pst.HasAttr) and parent.base is node and parent.attrs:
+                reads.add(parent.attrs[0])
+            else:
+                reads.add(_WHOLE)
+        elif isinstance(node, Mapping):
+            stack.extend((v, parent) for v in node.values())
+        elif isinstance(node, tuple):
+            stack.extend((v, parent) for v in node)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            stack.extend((getattr(node, f.name), node) for f in dataclasses.fields(node))
+    return frozenset(reads)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """How to decide one request (see :meth:`PolicySlicer.plan`): the parsed set to hand
+    Cedar, and the context attributes that set reads (``None``: all of them)."""
+
+    policy_set: cedarpy.PolicySet
+    reads: tuple[str, ...] | None
+    missing: tuple[str, ...]  # the guarded attributes the context lacks (part of the key)
+
+
+_ERROR_ID = re.compile(r"^error while evaluating policy `(policy\d+)`")
+_UNSEEN: Any = object()
+
+
 class PolicySlicer:
     """One action's policies, cut per request to those that can apply (see above), as a
     pre-parsed Cedar set.
@@ -442,6 +485,13 @@ class PolicySlicer:
                 guards.setdefault(attr, set()).add(pid)
         self._guards = _frozen(guards)
         self._guard_attrs = tuple(sorted(guards))
+        self._reads = {pid: _context_reads(tpl) for pid, tpl in templates.items()}
+        # conditions on the entities alone: settled once per entity set (see ``plan``)
+        self._entity_only = frozenset(pid for pid, r in self._reads.items() if not r)
+        self._settled: dict[Any, frozenset[str] | None] = {}
+        self._flipped: cedarpy.PolicySet | None = None
+        self._plans: dict[tuple[Any, tuple[str, ...]], Plan] = {}
+        self.settles = 0  # Cedar calls made to settle entity-only policies (tests, bench)
         self._trivial = not guards and self._all == self._principal.always & self._resource.always
         self._keys: OrderedDict[tuple[_SliceKey, tuple[str, ...]], frozenset[str]] = OrderedDict()
         self._key_cache_size = key_cache_size
@@ -502,7 +552,9 @@ class PolicySlicer:
     def policy_set(self, key: _SliceKey, context: Container[str]) -> cedarpy.PolicySet:
         """The parsed set to decide a request with (see :meth:`kept`): its slice, or the
         whole action set."""
-        kept = self.kept(key, context)
+        return self._set_of(self.kept(key, context))
+
+    def _set_of(self, kept: frozenset[str]) -> cedarpy.PolicySet:
         if kept is self._all:
             return self.whole
         got = self._sets.get(kept)
@@ -529,16 +581,106 @@ class PolicySlicer:
                     self._held -= len(old)
         return got
 
-    def _build(self, kept: frozenset[str]) -> cedarpy.PolicySet:
+    def plan(
+        self,
+        entity_key: Any,
+        context: Mapping[str, Any],
+        request: Mapping[str, Any],
+        entities: Any,
+    ) -> Plan:
+        """The set to decide ``request`` (principal, action, resource; no context) with, on
+        ``entities`` (a function of ``entity_key``, whose fields 0, 1, 6, 7, 8 are the slice
+        key), and the context attributes it reads. Exact, on top of :meth:`kept`:
+
+        * a policy whose conditions never read the context is satisfied or not, or raises or
+          not, by the entities alone. From an entity set's second decision on, those that are
+          neither satisfied nor raising are dropped (settled by one Cedar call on them all,
+          every one turned into a permit so that every satisfied one is named);
+        * Cedar is handed only the context attributes the set's policies read: the others
+          cannot change a satisfied policy, an error or a decision.
+
+        Cached per (entity key, guarded attributes missing) once both steps are settled.
+        """
+        missing = tuple([a for a in self._guard_attrs if a not in context])
+        plans = self._plans
+        hit = plans.get((entity_key, missing))
+        if hit is not None:
+            return hit
+        k = entity_key
+        kept = self.kept((k[0], k[1], k[6], k[7], k[8]), context)
+        final = True
+        if kept & self._entity_only:
+            live = self._settle(entity_key, request, entities)
+            if live is None:
+                final = False  # first sighting: keep them all (same answer)
+            else:
+                kept = frozenset((kept - self._entity_only) | (kept & live))
+                if kept == self._all:
+                    kept = self._all
+                else:
+                    with self._lock:
+                        kept = self._interned.setdefault(kept, kept)
+        policy_set = self._set_of(kept)
+        if policy_set is self.whole:
+            final = final and kept is self._all
+            kept = self._all
+        reads: set[str] = set()
+        for pid in kept:
+            reads |= self._reads[pid]
+        got = Plan(policy_set, None if _WHOLE in reads else tuple(sorted(reads)), missing)
+        if final:
+            with self._lock:
+                if len(plans) >= self._key_cache_size:
+                    plans.clear()
+                plans[(entity_key, missing)] = got
+        return got
+
+    def _settle(
+        self, entity_key: Any, request: Mapping[str, Any], entities: Any
+    ) -> frozenset[str] | None:
+        """The entity-only policies that are satisfied or raise for this entity set (the
+        others are certain to do neither); None the first time a key is seen, so a one-off
+        principal costs no extra Cedar call."""
+        got = self._settled.get(entity_key, _UNSEEN)
+        if got is not None and got is not _UNSEEN:
+            return got  # type: ignore[no-any-return]
+        if got is _UNSEEN:
+            with self._lock:
+                if len(self._settled) >= self._key_cache_size:
+                    self._settled.clear()
+                self._settled[entity_key] = None
+            return None
+        if self._flipped is None:
+            self._flipped = self._build(self._entity_only, flip=True)
+        self.settles += 1
+        response = orjson.loads(
+            _cedar.is_authorized({**request, "context": "{}"}, self._flipped, entities, None, False)
+        )
+        diag = response.get("diagnostics") or {}
+        live = set(diag.get("reason", ()))
+        for err in diag.get("errors") or ():
+            m = _ERROR_ID.match(str(err))
+            if m is None:  # not tied to one policy: keep them all
+                live = set(self._entity_only)
+                break
+            live.add(m.group(1))
+        if response.get("decision") not in ("Allow", "Deny"):
+            live = set(self._entity_only)
+        out = frozenset(live)
+        with self._lock:
+            self._settled[entity_key] = out
+        return out
+
+    def _build(self, kept: frozenset[str], *, flip: bool = False) -> cedarpy.PolicySet:
         # in load order, so Cedar reports errors in the order the whole set would
         ids = sorted(kept, key=self._order.__getitem__)
-        self.built += 1
+        tpls = {pid: self._templates[pid] for pid in ids}
+        if flip:
+            tpls = {pid: dataclasses.replace(t, effect="permit") for pid, t in tpls.items()}
+        else:
+            self.built += 1
         return cedarpy.PolicySet.from_pst(
-            cedarpy.pst.PolicySet(
-                templates={},
-                static_policies={pid: self._templates[pid] for pid in ids},
-                template_links=(),
-            )
+            cedarpy.pst.PolicySet(templates={}, static_policies=tpls, template_links=())
         )
 
 
@@ -795,7 +937,7 @@ def _identity_type(resource: str) -> str:
 
 _EntityKey = tuple[str, str, str, int, str, tuple[str, ...], frozenset[str], str, str]
 # policy version, action type, entity key, request context (JSON), token id, granted_by
-_VerdictKey = tuple[str, str, _EntityKey, str, str, str]
+_VerdictKey = tuple[str, str, _EntityKey, tuple[str, ...], str, str, str]
 
 
 def _entities_json(key: _EntityKey) -> str:
@@ -823,31 +965,42 @@ def _entities_json(key: _EntityKey) -> str:
 _IDENTITY_TYPES = frozenset(PRINCIPAL_TYPES.values())
 
 
-def _make_entities_cache(size: int) -> Callable[[_EntityKey], Any]:
+def _make_entities_cache(size: int) -> Callable[[_EntityKey], tuple[Any, dict[str, Any]]]:
     @lru_cache(maxsize=size)
-    def entities(key: _EntityKey) -> Any:
-        return _cedar.Entities.from_json_str(_entities_json(key))
+    def entities(key: _EntityKey) -> tuple[Any, dict[str, Any]]:
+        """The parsed entity set, and the request's principal and resource uids."""
+        return _cedar.Entities.from_json_str(_entities_json(key)), {
+            "principal": {"type": key[0], "id": key[1]},
+            "resource": {"type": key[7], "id": key[8]},
+        }
 
     return entities
 
 
+_LONG_MIN, _LONG_MAX = -(2**63), 2**63
+
+
 def _coerce_context(ctx: Mapping[str, Any], out: dict[str, Any]) -> None:
+    """Copy the schema's context attributes from ``ctx`` into ``out``, checked against their
+    types (``BadRequest`` naming the first that is wrong); a set of strings is sorted."""
     for k, v in ctx.items():
         typ = CONTEXT_FIELDS.get(k)
         if typ is None:
             continue  # not in the schema: Cedar never sees it
-        if typ == "Bool":
-            ok = isinstance(v, bool)
-        elif typ == "Long":
-            ok = isinstance(v, int) and not isinstance(v, bool) and -(2**63) <= v < 2**63
+        t = type(v)  # exact types first: the common case costs one comparison
+        if typ == "Long":
+            ok = (t is int or (isinstance(v, int) and t is not bool)) and (
+                _LONG_MIN <= v < _LONG_MAX
+            )
+        elif typ == "Bool":
+            ok = t is bool
         elif typ == "String":
-            ok = isinstance(v, str)
+            ok = t is str or isinstance(v, str)
+        elif isinstance(v, list | tuple | set | frozenset) and all(isinstance(x, str) for x in v):
+            v = sorted(set(v)) if v else []
+            ok = True
         else:
-            if isinstance(v, list | tuple | set | frozenset) and all(isinstance(x, str) for x in v):
-                v = sorted(set(v))
-                ok = True
-            else:
-                ok = False
+            ok = False
         if not ok:
             raise BadRequest(f"context.{k} must be a {typ}, got {type(v).__name__}")
         out[k] = v
@@ -881,9 +1034,9 @@ class PolicyEngine:
         self._clock = clock
         self._lock = threading.Lock()
         self._entities = _make_entities_cache(entity_cache_size)
-        self._verdicts: OrderedDict[_VerdictKey, Verdict] = OrderedDict()
+        self._verdicts: dict[_VerdictKey, Verdict] = {}
         self._verdicts_max = entity_cache_size
-        self._shapes: OrderedDict[tuple[Any, ...], Verdict] = OrderedDict()
+        self._shapes: dict[tuple[Any, ...], Verdict] = {}
         self.last_error: PolicyError | None = None
         self.reloads = 0
         self._fp = _fingerprint(policy_dir)
@@ -974,14 +1127,23 @@ class PolicyEngine:
             slicer = loaded.slicers.get(action.type)
             if slicer is None:
                 raise BadRequest(f"unknown action type {action.type!r}")
-            request, entities, key, ctx = self._request_parts(action, groups, granted)
+            key, ctx = self._key_and_context(action, groups, granted)
+            entities, uids = self._entities(key)
+            request = {**uids, "action": {"type": ACTION_ENTITY, "id": action.type}}
+            plan = slicer.plan(key, ctx, request, entities)
+            reads = plan.reads
+            if reads is not None:  # only what the policies read (exact: see ``plan``)
+                ctx = {a: ctx[a] for a in reads if a in ctx}
+            context = orjson.dumps(ctx).decode()
             # A verdict is a pure function of the policy set, the entities (a function of
-            # ``key``) and the request context, so repeated calls reuse it until a reload.
+            # ``key``) and the context the plan reads, so repeated calls reuse it until a
+            # reload, also when they differ in attributes no policy reads.
             memo = (
                 loaded.version,
                 action.type,
                 key,
-                request["context"],
+                plan.missing,
+                context,
                 # the reason text names the token's matching grant, and a JIT grant
                 action.principal.token_id,
                 str(action.context.get("granted_by", "")),
@@ -989,10 +1151,9 @@ class PolicyEngine:
             cached = self._verdicts.get(memo)
             if cached is not None:
                 return cached
-            # only the action's policies that can apply to this principal, resource, context
-            policy_set = slicer.policy_set((key[0], key[1], key[6], key[7], key[8]), ctx)
+            request["context"] = context
             response: dict[str, Any] = orjson.loads(
-                _cedar.is_authorized(request, policy_set, entities, None, False)
+                _cedar.is_authorized(request, plan.policy_set, entities, None, False)
             )
             verdict = self._verdict_of(loaded, action, response)
             self._remember(memo, verdict)
@@ -1009,32 +1170,38 @@ class PolicyEngine:
     def _remember(self, memo: _VerdictKey, verdict: Verdict) -> None:
         cache = self._verdicts
         if len(cache) >= self._verdicts_max:
-            # the oldest entry; O(1), where deleting a plain dict's first key is not (its
-            # iteration skips every slot freed before it)
-            with contextlib.suppress(KeyError):  # another thread emptied it
-                cache.popitem(last=False)
+            # full: start afresh (cheaper per decision than keeping an LRU order; a verdict
+            # costs one Cedar call to have again)
+            cache.clear()
         cache[memo] = verdict
 
     def _request(
         self, action: Action, groups: frozenset[str], granted: bool | None
     ) -> tuple[dict[str, Any], Any]:
-        request, entities, _ = self._request_keyed(action, groups, granted)
+        request, entities, _, _ = self._request_parts(action, groups, granted)
         return request, entities
-
-    def _request_keyed(
-        self, action: Action, groups: frozenset[str], granted: bool | None
-    ) -> tuple[dict[str, Any], Any, _EntityKey]:
-        request, entities, key, _ = self._request_parts(action, groups, granted)
-        return request, entities, key
 
     def _request_parts(
         self, action: Action, groups: frozenset[str], granted: bool | None
     ) -> tuple[dict[str, Any], Any, _EntityKey, dict[str, Any]]:
-        """The Cedar request, the entities handle, the entities' cache key, the context."""
+        """The Cedar request with the whole context, the entities handle, the entities'
+        cache key, the context (for explain, tests and the bench; ``authorize`` hands Cedar
+        only what its plan reads)."""
+        key, ctx = self._key_and_context(action, groups, granted)
+        entities, uids = self._entities(key)
+        request = {
+            **uids,
+            "action": {"type": ACTION_ENTITY, "id": action.type},
+            "context": orjson.dumps(ctx).decode(),
+        }
+        return request, entities, key, ctx
+
+    def _key_and_context(
+        self, action: Action, groups: frozenset[str], granted: bool | None
+    ) -> tuple[_EntityKey, dict[str, Any]]:
+        """The entities' cache key, and the whole context (checked against the schema)."""
         claims: TokenClaims = action.principal
         subject = claims.subject
-        ptype = PRINCIPAL_TYPES[subject.kind]
-        pid = str(subject)
         atype = action.type
         rtype = RESOURCE_TYPE_OF.get(atype)
         if rtype is None:
@@ -1042,8 +1209,8 @@ class PolicyEngine:
                 raise BadRequest(f"unknown action type {atype!r}")
             rtype = _identity_type(action.resource)
         key: _EntityKey = (
-            ptype,
-            pid,
+            PRINCIPAL_TYPES[subject.kind],
+            str(subject),
             str(claims.root),
             len(claims.grantors),
             claims.task or "",
@@ -1052,7 +1219,6 @@ class PolicyEngine:
             rtype,
             action.resource,
         )
-        entities = self._entities(key)
         ctx: dict[str, Any] = {}
         if action.effects and "effects" not in action.context:
             ctx["effects"] = sorted(action.effects)
@@ -1065,13 +1231,7 @@ class PolicyEngine:
         elif "granted" not in ctx:
             ctx["granted"] = action.granted
         ctx["hour"] = int(self._clock() // 3600) % 24  # time.gmtime(...).tm_hour, cheaper
-        request = {
-            "principal": {"type": ptype, "id": pid},
-            "action": {"type": ACTION_ENTITY, "id": atype},
-            "resource": {"type": rtype, "id": action.resource},
-            "context": orjson.dumps(ctx).decode(),
-        }
-        return request, entities, key, ctx
+        return key, ctx
 
     def _verdict_of(
         self, loaded: LoadedPolicies, action: Action, response: dict[str, Any]
@@ -1087,7 +1247,8 @@ class PolicyEngine:
             tuple(diag.get("errors") or ()),
             action.type,
             action.resource,
-            action.principal.grants,  # the permit reason names the matching grant
+            # the permit reason names the token's matching grant: a token's grants are fixed
+            action.principal.token_id,
             action.context.get("granted_by"),
         )
         cache = self._shapes
@@ -1095,8 +1256,7 @@ class PolicyEngine:
         if got is None:
             got = self._verdict(loaded, action, response)
             if len(cache) >= self._verdicts_max:
-                with contextlib.suppress(KeyError):  # another thread emptied it
-                    cache.popitem(last=False)
+                cache.clear()
             cache[shape] = got
         return got
 

@@ -100,19 +100,19 @@ def charges_for(b: Boundaries, action: Action, groups: Iterable[str]) -> list[Ch
     """
     if not b.limits_by_group:
         return []
-    effects: dict[str, int] | None = None
+    lims, kinds = b.matching(action.type, action.resource, frozenset(groups))
+    if not lims:
+        return []
+    effects = {k: int(v) for k, v in action.effects.items()}
+    for kind in kinds:
+        effects[kind] = max(effects.get(kind, 0), 1)
     out: list[Charge] = []
-    for g in groups:
-        for lim in b.limits_by_group.get(g, ()):
-            if not lim.applies_to(action.type, action.resource):
-                continue
-            if effects is None:
-                effects = b.effects_of(action)
-            amount = _amount(lim, action, effects)
-            if amount < 0:
-                raise ValueError(f"negative {lim.unit} in the action's cost ({amount})")
-            if amount > 0:
-                out.append(Charge(lim, amount))
+    for lim in lims:
+        amount = _amount(lim, action, effects)
+        if amount < 0:
+            raise ValueError(f"negative {lim.unit} in the action's cost ({amount})")
+        if amount > 0:
+            out.append(Charge(lim, amount))
     out.sort(key=lambda c: c.limit.name)  # a fixed order (PostgreSQL row locks: no deadlock)
     return out
 
