@@ -168,40 +168,41 @@ class DecisionCore:
         self, action: Action, groups: frozenset[str], verdict: Verdict, digest: str
     ) -> Decision:
         version = verdict.policy_version
+        reasons, policies = verdict.reasons, verdict.policies
         if verdict.outcome == "deny":
-            return Decision("deny", digest, verdict.reasons, verdict.policies, version)
-        reasons = list(verdict.reasons)
-        policies = list(verdict.policies)
+            return Decision("deny", digest, reasons, policies, version)
         quorum = verdict.quorum if verdict.outcome == "escalate" else None
         approval: str | None = None
         if quorum is not None:
             approval = self.approvals.consume(action, version) if self.approvals else None
             if approval is None:
-                return self._escalate(action, digest, reasons, policies, version, quorum)
-            reasons.append(f"approved by approval {approval}")
+                return self._escalate(action, digest, [*reasons], [*policies], version, quorum)
+            reasons += (f"approved by approval {approval}",)
 
         reservation: str | None = None
         if self.limiter is not None:
             res = self.limiter.reserve(action, groups, force=approval is not None)
             if not res.ok:
-                reasons.append(res.reason)
-                policies.append(f"limit:{res.limit}")
+                reasons += (res.reason,)
+                policies += (f"limit:{res.limit}",)
                 if res.on_exceed != "escalate" or res.quorum is None:
-                    return Decision("deny", digest, tuple(reasons), tuple(policies), version)
+                    return Decision("deny", digest, reasons, policies, version)
                 approval = self.approvals.consume(action, version) if self.approvals else None
                 if approval is None:
-                    return self._escalate(action, digest, reasons, policies, version, res.quorum)
-                reasons.append(f"limit passed by approval {approval}")
+                    return self._escalate(
+                        action, digest, [*reasons], [*policies], version, res.quorum
+                    )
+                reasons += (f"limit passed by approval {approval}",)
                 res = self.limiter.reserve(action, groups, force=True)
                 if not res.ok:  # a forced reservation only fails when the store does
-                    reasons.append(res.reason)
-                    return Decision("deny", digest, tuple(reasons), tuple(policies), version)
+                    reasons += (res.reason,)
+                    return Decision("deny", digest, reasons, policies, version)
             reservation = res.reservation
         return Decision(
             "allow",
             digest,
-            tuple(reasons),
-            tuple(policies),
+            reasons,
+            policies,
             version,
             approval=approval,
             reservation=reservation,

@@ -68,6 +68,9 @@ _SCHEMA = (
 )
 
 
+_NOTHING_TO_RESERVE = LimitResult(ok=True)  # no limit counts the action (immutable)
+
+
 @dataclass(frozen=True, slots=True)
 class Charge:
     """One limit an action is charged against, and how much (in the limit's unit)."""
@@ -216,7 +219,7 @@ class SqliteLimiter:
             b = self._source.current()
             charges = charges_for(b, action, groups)
             if not charges:
-                return LimitResult(ok=True)
+                return _NOTHING_TO_RESERVE
             now = self._clock.now()
             ttl = self._ttl if self._ttl is not None else b.reservation_ttl
             with self._lock:

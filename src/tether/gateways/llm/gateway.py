@@ -38,13 +38,8 @@ from tether.gateways.llm.config import LLMSettings, Provider, Route
 from tether.gateways.llm.errors import GatewayError, render_error
 from tether.gateways.llm.inspect import Finding, InspectContext, Inspector
 from tether.gateways.llm.protocol import Api, Req, parse_request, usage_of
-from tether.gateways.llm.toolgate import (
-    SSESplitter,
-    ToolVerdict,
-    gate_for,
-    gate_response,
-    stream_error,
-)
+from tether.gateways.llm.relay import Downstream, StreamGuard, relay, wait_disconnect
+from tether.gateways.llm.toolgate import ToolVerdict, gate_for, gate_response
 from tether.gateways.llm.upstream import (
     UpstreamFailed,
     UpstreamResponse,
@@ -785,24 +780,25 @@ class LLMGateway:
         receive: Receive,
         send: Send,
     ) -> None:
+        """A streamed call, in this task: one disconnect watcher for the upstream call and the
+        relay, one idle timer for the relay (see relay.py)."""
         client = self.upstreams.client(call.provider.name)
         up_headers = {
             **self.upstreams.headers(call.provider, call.api, headers),
             "accept": "text/event-stream",
         }
+        guard = StreamGuard(receive, self.settings.stream_idle_timeout)
         try:
-            resp = await _until_disconnect(
-                client.post(
-                    self.upstreams.path(call.provider, call.api),
-                    call.sent,
-                    up_headers,
-                    stream=True,
-                ),
-                receive,
+            resp = await client.post(
+                self.upstreams.path(call.provider, call.api), call.sent, up_headers, stream=True
             )
         except BaseException as e:
+            guard.close()
             await self._upstream_failed(call, record, e)
             raise
+        # Until the request record is durable, nothing is cancelled (its future is awaited):
+        # a disconnect meanwhile is only noted.
+        guard.armed = False
         gate = gate_for(
             call.api, self._tool_decider(call), self._text_hook(call), call.req.wants_usage
         )
@@ -812,6 +808,7 @@ class LLMGateway:
         finished = False
         try:
             if resp.status_code != 200:
+                guard.close()
                 content = await resp.aread()
                 await self._durable(record)
                 err = self._upstream_error(resp.status_code, content)
@@ -819,28 +816,33 @@ class LLMGateway:
                 raw.append(content)
                 raise err
             await self._durable(record)
-            await send(
+            down = Downstream(
+                send,
                 {
                     "type": "http.response.start",
                     "status": 200,
                     "headers": [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode())],
-                }
+                },
             )
-            pump = asyncio.ensure_future(self._pump(call, resp, gate, raw, send))
-            watch = asyncio.ensure_future(_wait_disconnect(receive))
-            try:
-                await asyncio.wait((pump, watch), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                if not pump.done():
-                    pump.cancel()
+            last: bytes | None = None
+            if guard.gone:
+                status = "client_disconnected"
+            else:
+                guard.time_reads()
+                try:
+                    status, err_note, last = await relay(
+                        call.api, resp, gate, raw, down, guard, self.settings.read_timeout
+                    )
+                except asyncio.CancelledError:
+                    if not guard.took_back("disconnect"):
+                        raise
                     status = "client_disconnected"
-                watch.cancel()
-                with contextlib.suppress(BaseException):
-                    await pump
-            if status == "ok" and not pump.cancelled():
-                status, err_note = pump.result()
+            guard.close()
+            if last is not None:
+                await down.end(last)
             finished = True
         finally:
+            guard.close()
             with contextlib.suppress(Exception):
                 await resp.aclose()
             if not finished and status == "ok":
@@ -860,96 +862,6 @@ class LLMGateway:
                 stream_raw=b"".join(raw),
             )
 
-    async def _pump(
-        self, call: _Call, resp: UpstreamResponse, gate: Any, raw: list[bytes], send: Send
-    ) -> tuple[str, str | None]:
-        """Upstream events -> gate -> agent, as they arrive. Returns (status, error note)."""
-        splitter = SSESplitter()
-        idle = self.settings.stream_idle_timeout
-        it = resp.aiter_raw().__aiter__()
-        status, note = "ok", None
-        try:
-            while True:
-                try:
-                    async with asyncio.timeout(idle):
-                        data = await it.__anext__()
-                except StopAsyncIteration:
-                    break
-                raw.append(data)
-                for ev in splitter.feed(data):
-                    out = await gate.feed(ev)
-                    if gate.blocked:
-                        raise GatewayError(
-                            403, f"response blocked by {gate.blocked}", "inspection_blocked"
-                        )
-                    if out:
-                        await send(
-                            {"type": "http.response.body", "body": b"".join(out), "more_body": True}
-                        )
-            tail = await gate.end()
-            if tail:
-                await send(
-                    {"type": "http.response.body", "body": b"".join(tail), "more_body": True}
-                )
-            if not gate.complete:
-                status, note = "upstream_cut", "the upstream stream ended before the response"
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "more_body": True,
-                        "body": stream_error(
-                            call.api,
-                            GatewayError(502, "upstream stream ended early", "upstream_cut"),
-                        ),
-                    }
-                )
-        except (TimeoutError, UpstreamTimeout) as e:
-            # Ours (the idle timeout) or the client's read timeout, whichever came first.
-            if isinstance(e, UpstreamTimeout):
-                idle = min(idle, self.settings.read_timeout)
-            status, note = "upstream_timeout", f"no upstream bytes for {idle}s"
-            await _send_quiet(
-                send,
-                stream_error(
-                    call.api,
-                    GatewayError(504, f"upstream stream idle for {idle}s", "upstream_timeout"),
-                ),
-            )
-        except GatewayError as e:
-            status, note = e.code, e.message
-            await _send_quiet(send, stream_error(call.api, e))
-        except (ValueError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-            status, note = "upstream_garbage", "the upstream sent an event that is not valid"
-            await _send_quiet(
-                send,
-                stream_error(
-                    call.api,
-                    GatewayError(502, "upstream sent an invalid stream event", "upstream_garbage"),
-                ),
-            )
-        except UpstreamFailed as e:
-            status, note = "upstream_failed", f"upstream stream failed ({type(e).__name__})"
-            await _send_quiet(
-                send,
-                stream_error(
-                    call.api, GatewayError(502, "upstream stream failed", "upstream_failed")
-                ),
-            )
-        await _send_quiet(send, b"", more=False)
-        return status, note
-
-
-async def _send_quiet(send: Send, body: bytes, more: bool = True) -> None:
-    with contextlib.suppress(Exception):
-        await send({"type": "http.response.body", "body": body, "more_body": more})
-
-
-async def _wait_disconnect(receive: Receive) -> None:
-    while True:
-        msg = await receive()
-        if msg["type"] == "http.disconnect":
-            return
-
 
 async def _until_disconnect(aw: Awaitable[UpstreamResponse], receive: Receive) -> UpstreamResponse:
     """Await ``aw``; if the client goes away first, cancel it (the upstream call with it).
@@ -965,7 +877,7 @@ async def _until_disconnect(aw: Awaitable[UpstreamResponse], receive: Receive) -
             gone = True
             me.cancel()
 
-    watch = asyncio.ensure_future(_wait_disconnect(receive))
+    watch = asyncio.ensure_future(wait_disconnect(receive))
     watch.add_done_callback(on_disconnect)
     try:
         return await aw
