@@ -131,6 +131,9 @@ class Gate:
     blocked: str | None = None  # set when an outbound text hook blocked the stream
     complete: bool = False  # the upstream finished the response properly
     _tail: str = ""  # the last HOOK_OVERLAP characters the text hook saw
+    # Awaited before the gate waits on anything (a tool decision, the text hook): the relay
+    # sends what it has gated so far, so nothing already passed waits behind a decision.
+    before_wait: Callable[[], Awaitable[None]] | None = None
 
     async def feed(self, ev: bytes) -> list[bytes]:
         raise NotImplementedError
@@ -145,6 +148,8 @@ class Gate:
         )
 
     async def _verdict(self, name: str, args: str, call_id: str) -> ToolVerdict:
+        if self.before_wait is not None:
+            await self.before_wait()
         v = await self.decide(name, args, call_id)
         self.tools.append(
             {
@@ -164,6 +169,8 @@ class Gate:
             # deltas is still seen (a detector on single deltas would miss it silently).
             window = self._tail + piece
             self._tail = window[-HOOK_OVERLAP:]
+            if self.before_wait is not None:
+                await self.before_wait()
             self.blocked = await self.text_hook(window)
 
     def assembled(self) -> dict[str, Any]:
