@@ -542,3 +542,44 @@ async def test_disconnect_during_the_first_read_over_the_network(
             await gw.aclose()
     assert agent.sent == []
     assert _last_response(services)["data"]["status"] == "client_disconnected"
+
+
+# -- how upstreams spell their events -----------------------------------------------------------
+
+
+def _spelled(data_prefix: bytes, nl: bytes = b"\n") -> bytes:
+    text = orjson.dumps({**BASE, "choices": [{"index": 0, "delta": {"content": "hi there"}}]})
+    stop = orjson.dumps({**BASE, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    return b"".join(data_prefix + d + nl + nl for d in (text, stop, b"[DONE]"))
+
+
+SPELLINGS = {
+    "one space": _spelled(b"data: "),
+    "no space": _spelled(b"data:"),
+    "two spaces": _spelled(b"data:  "),
+    "crlf": _spelled(b"data: ", b"\r\n"),
+    "comment and event name first": b"".join(
+        b": keep-alive\nevent: chunk\n" + e + b"\n\n"
+        for e in _spelled(b"data: ").split(b"\n\n")
+        if e
+    ),
+    "data over two lines": _spelled(b"data: ").replace(b'{"id"', b'{\ndata: "id"', 2),
+}
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS.values(), ids=SPELLINGS.keys())
+async def test_every_spelling_of_an_event_streams_through(
+    services: Services, ledger: UsageLedger, mint: Callable[..., str], spelling: bytes
+) -> None:
+    gw = _gateway(services, ledger, SSEUpstream([spelling]))
+    agent = Agent(mint())
+    try:
+        async with asyncio.timeout(30):
+            await agent.call(gw)
+        await gw.drain()
+    finally:
+        await gw.aclose()
+    resp = _last_response(services)
+    assert resp["data"]["status"] == "ok"
+    assert _assembled(services, resp)["text"] == "hi there"
+    assert b"[DONE]" in agent.stream

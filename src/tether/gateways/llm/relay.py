@@ -94,7 +94,7 @@ class StreamGuard:
         self.gone = False
         self.why: str | None = None
         self.reading_since = 0.0  # loop time the current upstream read began; 0: not reading
-        self._watch = asyncio.ensure_future(wait_disconnect(receive))
+        self._watch = self._loop.create_task(wait_disconnect(receive))
         self._watch.add_done_callback(self._on_disconnect)
 
     def _on_disconnect(self, w: asyncio.Future[None]) -> None:

@@ -80,6 +80,8 @@ class SSESplitter:
 
 def _fields(ev: bytes) -> tuple[bytes | None, bytes | None]:
     """(event name, data) of one SSE event."""
+    if ev.startswith(b"data: ") and b"\n" not in ev:  # a Chat chunk: one data line
+        return None, ev[6:].lstrip(b" ")
     name: bytes | None = None
     data: list[bytes] = []
     for line in ev.split(b"\n"):
