@@ -320,8 +320,8 @@ async def test_disconnect_during_the_first_read(
     services: Services, ledger: UsageLedger, mint: Callable[..., str]
 ) -> None:
     """The upstream answered with its head and nothing more; the agent leaves while the
-    gateway waits for the first event: the upstream is let go, nothing reached the agent, and
-    the call is recorded as a disconnect."""
+    gateway waits for the first event: the upstream is let go, the agent got the SSE head and
+    nothing after it, and the call is recorded as a disconnect."""
     up = SSEUpstream([], end=False)
     gw = _gateway(services, ledger, up)
     durable = _signal_after_durable(gw)
@@ -336,7 +336,7 @@ async def test_disconnect_during_the_first_read(
         await gw.drain()
     finally:
         await gw.aclose()
-    assert agent.sent == []
+    assert [m["type"] for m in agent.sent] == ["http.response.start"]
     resp = _last_response(services)
     assert resp["data"]["status"] == "client_disconnected"
     assert _assembled(services, resp)["complete"] is False
@@ -394,6 +394,37 @@ async def test_disconnect_while_the_request_record_is_made_durable(
     assert agent.sent == []
     invoke = services.audit.search(type="llm.invoke", limit=10)
     assert invoke and invoke[-1]["data"]["stream"] is True
+    assert _last_response(services)["data"]["status"] == "client_disconnected"
+
+
+class LeavesOnTheHead(Agent):
+    """Leaves as the SSE head reaches it, and lets the gateway notice before the send
+    returns (a slow socket write would do the same)."""
+
+    async def send(self, msg: Message) -> None:
+        await super().send(msg)
+        if msg["type"] == "http.response.start":
+            self.leave()
+            await self.left.wait()
+            await asyncio.sleep(0)  # one turn: the watcher's done callback has run
+
+
+async def test_disconnect_while_the_head_is_sent(
+    services: Services, ledger: UsageLedger, mint: Callable[..., str]
+) -> None:
+    """A disconnect noticed between the record and the relay's first read still ends the
+    call: the upstream, which sends nothing, is let go at once."""
+    up = SSEUpstream([], end=False)
+    gw = _gateway(services, ledger, up)
+    agent = LeavesOnTheHead(mint())
+    try:
+        async with asyncio.timeout(30):
+            await agent.call(gw)
+        await _eventually(lambda: up.disconnects == 1, "the upstream was not let go")
+        await gw.drain()
+    finally:
+        await gw.aclose()
+    assert [m["type"] for m in agent.sent] == ["http.response.start"]
     assert _last_response(services)["data"]["status"] == "client_disconnected"
 
 
@@ -540,7 +571,7 @@ async def test_disconnect_during_the_first_read_over_the_network(
             await gw.drain()
         finally:
             await gw.aclose()
-    assert agent.sent == []
+    assert [m["type"] for m in agent.sent] == ["http.response.start"]
     assert _last_response(services)["data"]["status"] == "client_disconnected"
 
 

@@ -816,18 +816,18 @@ class LLMGateway:
                 raw.append(content)
                 raise err
             await self._durable(record)
-            down = Downstream(
-                send,
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode())],
-                },
-            )
+            down = Downstream(send)
             last: bytes | None = None
-            if guard.gone:
+            if guard.gone:  # gone while the record was made durable: nothing goes out
                 status = "client_disconnected"
             else:
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [*_SSE_HEADERS, (b"x-request-id", call.request_id.encode())],
+                    }
+                )
                 guard.time_reads()
                 try:
                     status, err_note, last = await relay(

@@ -15,8 +15,7 @@ cancellation from elsewhere (server shutdown) still propagates.
 What the agent gets and when (each item is one ``send``, one socket write; a write costs the
 gateway a system call and wakes the agent, so events that arrived together leave together):
 
-* the response head goes out with the first bytes of the body, not before: on this path the
-  head, the role chunk and the first text used to be three writes, each waking the agent;
+* the SSE head, once the request record is durable (the gateway sends it);
 * the first event of an upstream read that carries text goes out as soon as the gate has
   passed it, with any events before it (held tool-call fragments stay held by the gate): it
   does not wait for the rest of the read to be gated;
@@ -110,8 +109,11 @@ class StreamGuard:
         self._task.cancel()
 
     def time_reads(self) -> None:
-        """Arm the guard and start the idle timer (the relay marks its reads)."""
+        """Arm the guard and start the idle timer (the relay marks its reads). A disconnect
+        noted while disarmed cancels now."""
         self.armed = True
+        if self.gone and self.why is None:
+            self._cancel("disconnect")
         if self._timer is None:
             self._timer = self._loop.call_at(self._loop.time() + self.idle, self._on_timer)
 
@@ -141,31 +143,23 @@ class StreamGuard:
 
 
 class Downstream:
-    """The agent's side of a stream: the SSE head goes out with the first body bytes."""
+    """The agent's side of a stream, once its SSE head is out."""
 
-    __slots__ = ("_head", "_send", "started")
+    __slots__ = ("_send",)
 
-    def __init__(self, send: Send, head: Message) -> None:
+    def __init__(self, send: Send) -> None:
         self._send = send
-        self._head = head
-        self.started = False
 
     async def write(self, parts: list[bytes]) -> None:
         """Send ``parts`` as one body chunk and empty the list."""
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         parts.clear()
-        if not self.started:
-            self.started = True
-            await self._send(self._head)
         await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
     async def end(self, body: bytes) -> None:
         """The last bytes and the end of the stream, in one write; never raises (the agent may
         be gone)."""
         with contextlib.suppress(Exception):
-            if not self.started:
-                self.started = True
-                await self._send(self._head)
             await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
 
