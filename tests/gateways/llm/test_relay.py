@@ -82,11 +82,13 @@ class Agent:
     """A raw ASGI client for one streamed call: ``sent`` holds what reached it, ``leave()``
     makes its ``receive`` report ``http.disconnect``."""
 
-    def __init__(self, token: str, messages: list[dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self, token: str, messages: list[dict[str, Any]] | None = None, stream: bool = True
+    ) -> None:
         body = orjson.dumps(
             {
                 "model": MODEL_ID,
-                "stream": True,
+                "stream": stream,
                 "messages": messages or [{"role": "user", "content": "hello there"}],
                 "tools": [
                     {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
@@ -397,6 +399,45 @@ async def test_disconnect_while_the_request_record_is_made_durable(
     assert _last_response(services)["data"]["status"] == "client_disconnected"
 
 
+def _net_gateway(services: Services, ledger: UsageLedger, base: str) -> LLMGateway:
+    return LLMGateway(
+        parse_llm_config(
+            {
+                "providers": {"net": {"kind": "openai-compatible", "base_url": base + "/v1"}},
+                "routes": [{"model": MODEL_ID, "provider": "net"}],
+            },
+            env={},
+        ),
+        verify=services.verifier.verify,
+        core=services.core,
+        audit=services.audit,
+        ledger=ledger,
+    )
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_a_client_that_leaves_at_once_still_cancels_the_upstream_call(
+    services: Services, ledger: UsageLedger, mint: Callable[..., str], stream: bool
+) -> None:
+    """The disconnect watcher starts only once a call has run WATCH_AFTER; a client gone
+    before then (the upstream has not answered) still has the upstream connection closed."""
+    model = ScriptedModel(hang_after=0)  # never answers
+    async with model.serving() as base:
+        gw = _net_gateway(services, ledger, base)
+        agent = Agent(mint(), stream=stream)
+        agent.leave()  # it has sent its request and is gone
+        try:
+            async with asyncio.timeout(30):
+                with pytest.raises(asyncio.CancelledError):  # as before: the call is cancelled
+                    await agent.call(gw)
+            await _eventually(lambda: model.stats.disconnects == 1, "the upstream was not let go")
+            await gw.drain()
+        finally:
+            await gw.aclose()
+    assert agent.sent == []
+    assert _last_response(services)["data"]["status"] == "client_disconnected"
+
+
 class LeavesOnTheHead(Agent):
     """Leaves as the SSE head reaches it, and lets the gateway notice before the send
     returns (a slow socket write would do the same)."""
@@ -541,24 +582,7 @@ async def test_disconnect_during_the_first_read_over_the_network(
     """The same with the upstream on a real socket (the h1 client): its connection is closed."""
     up = SSEUpstream([], end=False)
     async with serving(up) as port:
-        gw = LLMGateway(
-            parse_llm_config(
-                {
-                    "providers": {
-                        "net": {
-                            "kind": "openai-compatible",
-                            "base_url": f"http://127.0.0.1:{port}/v1",
-                        }
-                    },
-                    "routes": [{"model": MODEL_ID, "provider": "net"}],
-                },
-                env={},
-            ),
-            verify=services.verifier.verify,
-            core=services.core,
-            audit=services.audit,
-            ledger=ledger,
-        )
+        gw = _net_gateway(services, ledger, f"http://127.0.0.1:{port}")
         durable = _signal_after_durable(gw)
         agent = Agent(mint())
         try:

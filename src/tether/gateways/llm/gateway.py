@@ -38,11 +38,10 @@ from tether.gateways.llm.config import LLMSettings, Provider, Route
 from tether.gateways.llm.errors import GatewayError, render_error
 from tether.gateways.llm.inspect import Finding, InspectContext, Inspector
 from tether.gateways.llm.protocol import Api, Req, parse_request, usage_of
-from tether.gateways.llm.relay import Downstream, StreamGuard, relay, wait_disconnect
+from tether.gateways.llm.relay import CallGuard, Downstream, relay
 from tether.gateways.llm.toolgate import ToolVerdict, gate_for, gate_response
 from tether.gateways.llm.upstream import (
     UpstreamFailed,
-    UpstreamResponse,
     Upstreams,
     UpstreamTimeout,
 )
@@ -723,14 +722,16 @@ class LLMGateway:
     ) -> None:
         client = self.upstreams.client(call.provider.name)
         up_headers = self.upstreams.headers(call.provider, call.api, headers)
+        guard = CallGuard(receive, 0.0)  # a client that leaves cancels the upstream call
         try:
-            resp = await _until_disconnect(
-                client.post(self.upstreams.path(call.provider, call.api), call.sent, up_headers),
-                receive,
+            resp = await client.post(
+                self.upstreams.path(call.provider, call.api), call.sent, up_headers
             )
         except BaseException as e:
+            guard.close()
             await self._upstream_failed(call, record, e)
             raise
+        guard.close()
         await self._durable(record) if not record.done() or record.exception() else None
         content = await resp.aread()
         if resp.status_code != 200:
@@ -787,7 +788,7 @@ class LLMGateway:
             **self.upstreams.headers(call.provider, call.api, headers),
             "accept": "text/event-stream",
         }
-        guard = StreamGuard(receive, self.settings.stream_idle_timeout)
+        guard = CallGuard(receive, self.settings.stream_idle_timeout)
         try:
             resp = await client.post(
                 self.upstreams.path(call.provider, call.api), call.sent, up_headers, stream=True
@@ -861,33 +862,6 @@ class LLMGateway:
                 },
                 stream_raw=b"".join(raw),
             )
-
-
-async def _until_disconnect(aw: Awaitable[UpstreamResponse], receive: Receive) -> UpstreamResponse:
-    """Await ``aw``; if the client goes away first, cancel it (the upstream call with it).
-    One watcher task, which cancels this one on a disconnect: the call itself runs here."""
-    me = asyncio.current_task()
-    assert me is not None
-    gone = False
-    settled = False  # a callback already scheduled must not cancel us once we moved on
-
-    def on_disconnect(w: asyncio.Future[None]) -> None:
-        nonlocal gone
-        if not settled and not w.cancelled() and w.exception() is None:
-            gone = True
-            me.cancel()
-
-    watch = asyncio.ensure_future(wait_disconnect(receive))
-    watch.add_done_callback(on_disconnect)
-    try:
-        return await aw
-    except asyncio.CancelledError:
-        if gone:
-            raise asyncio.CancelledError("client disconnected") from None
-        raise
-    finally:
-        settled = True
-        watch.cancel()
 
 
 async def _settle_record(record: asyncio.Future[Any]) -> None:
