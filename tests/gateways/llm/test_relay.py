@@ -524,9 +524,10 @@ async def test_the_idle_timer_is_pushed_forward_by_each_read(
 ) -> None:
     """Events come more often than the idle timeout, for longer than it in all; then the
     upstream stalls. Everything sent before the stall reaches the agent, then the timeout."""
-    model = ScriptedModel(chunk_delay=0.05, hang_after=12)
-    gw = _gateway(services, ledger, model, _table(stream_idle_timeout="0.4s"))
-    words = "a b c d e f g h i j k l m n o p"
+    # 20 events 40 ms apart (0.76 s in all), idle timeout 0.6 s: 15 times the gap
+    model = ScriptedModel(chunk_delay=0.04, hang_after=20)
+    gw = _gateway(services, ledger, model, _table(stream_idle_timeout="0.6s"))
+    words = "a b c d e f g h i j k l m n o p q r s t u v w x y z"
     agent = Agent(mint(), [{"role": "user", "content": words}])
     try:
         async with asyncio.timeout(30):
@@ -534,8 +535,8 @@ async def test_the_idle_timer_is_pushed_forward_by_each_read(
         await gw.drain()
     finally:
         await gw.aclose()
-    # event 0 is the role chunk; the 11 after it carry the first 11 words of the reply
-    expected = " ".join(f"[scripted model] you said: {words}".split()[:11])
+    # event 0 is the role chunk; the 19 after it carry the first 19 words of the reply
+    expected = " ".join(f"[scripted model] you said: {words}".split()[:19])
     resp = _last_response(services)
     assert resp["data"]["status"] == "upstream_timeout"
     assert _assembled(services, resp)["text"].split() == expected.split()
