@@ -705,7 +705,7 @@ def test_cached_slices_stay_within_the_policy_budget() -> None:
     for i in range(30):
         key = ("Tether::Agent", spiffe("agent", f"x{i}"), frozenset(), "Tether::Model", "m")
         for _ in range(2):
-            ps = slicer.policy_set(key, {"granted": True, "hour": 1})
+            ps = slicer._set_of(slicer.kept(key, {"granted": True, "hour": 1}))
         assert len(ps) == 2  # the grants permit and this agent's forbid
         assert slicer.held <= 10
     assert slicer.built == 30

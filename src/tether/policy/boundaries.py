@@ -53,7 +53,7 @@ from types import MappingProxyType
 from typing import Any, Literal, Protocol, cast
 
 from tether.errors import ConfigError
-from tether.policy.action import ACTION_TYPES, Action
+from tether.policy.action import ACTION_TYPES
 
 __all__ = [
     "BASE_UNITS",
@@ -263,15 +263,6 @@ class Boundaries:
                 self._memo.clear()
             self._memo[key] = got
         return got
-
-    def effects_of(self, action: Action) -> dict[str, int]:
-        """The action's effects by kind: the gateway's own counts, plus 1 for each configured
-        kind whose matchers match the action. When both name a kind, the larger count is
-        taken (they describe the same effect, not two)."""
-        out = {k: int(v) for k, v in action.effects.items()}
-        for kind in self.matching(action.type, action.resource, frozenset())[1]:
-            out[kind] = max(out.get(kind, 0), 1)
-        return out
 
 
 class BoundariesSource(Protocol):

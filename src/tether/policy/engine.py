@@ -549,11 +549,6 @@ class PolicySlicer:
                 self._keys.popitem(last=False)
         return kept
 
-    def policy_set(self, key: _SliceKey, context: Container[str]) -> cedarpy.PolicySet:
-        """The parsed set to decide a request with (see :meth:`kept`): its slice, or the
-        whole action set."""
-        return self._set_of(self.kept(key, context))
-
     def _set_of(self, kept: frozenset[str]) -> cedarpy.PolicySet:
         if kept is self._all:
             return self.whole
